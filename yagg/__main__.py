@@ -1,0 +1,5 @@
+import sys
+
+from yagg.cli import main
+
+sys.exit(main())
