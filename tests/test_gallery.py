@@ -1,0 +1,85 @@
+"""The evaluation gallery renders in a real browser (headless Chromium) with every GIF present."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval.gallery import write_gallery
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+# Appended to a copy of the page (never to the product): after load, records which images decoded.
+_CHECK_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute('src'));
+  document.body.setAttribute('data-images', imgs.length);
+  document.body.setAttribute('data-broken', JSON.stringify(broken));
+});
+</script>"""
+
+
+def _write_eval_dir(eval_dir, steps=(100, 200)):
+    rng = np.random.default_rng(0)
+    with open(eval_dir / "metrics.jsonl", "w") as f:
+        for i, step in enumerate(steps):
+            f.write(json.dumps({"step": step, "probe/color_acc": 0.5 + 0.2 * i, "val/loss": 0.3 - 0.1 * i}) + "\n")
+            (eval_dir / str(step)).mkdir()
+            samples = []
+            for j, prompt in enumerate(["a red circle moving left", "a <b>blue</b> square & more"]):
+                frames = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(4)]
+                name = f"{j:02d}.gif"
+                frames[0].save(eval_dir / str(step) / name, save_all=True, append_images=frames[1:], duration=100)
+                samples.append({"file": name, "prompt": prompt, "seed": j, "scores": {"probe/color": 1.0}})
+            (eval_dir / str(step) / "samples.json").write_text(json.dumps(samples))
+
+
+def test_page_structure(tmp_path):
+    _write_eval_dir(tmp_path)
+    page = write_gallery(tmp_path).read_text()
+    # Newest step first, prompts escaped, images by relative path, one curve per metric.
+    assert page.index('id="step-200"') < page.index('id="step-100"')
+    assert "a &lt;b&gt;blue&lt;/b&gt; square &amp; more" in page and "<b>blue</b>" not in page
+    assert set(re.findall(r'<img src="([^"]+)"', page)) == {"100/00.gif", "100/01.gif", "200/00.gif", "200/01.gif"}
+    assert page.count("<polyline") == 2
+
+
+def test_empty_eval_dir(tmp_path):
+    assert "No evaluated steps yet" in write_gallery(tmp_path).read_text()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (Debian package `chromium`; .ci/run installs it)")
+def test_renders_in_headless_chromium(tmp_path):
+    _write_eval_dir(tmp_path)
+    page = write_gallery(tmp_path)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", _CHECK_SCRIPT + "</body>"))
+    profile = tmp_path / "profile"
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=5000",
+    ]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert 'data-images="4"' in dom, dom[:500]
+    assert 'data-broken="[]"' in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1000,900", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    with Image.open(shot) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.std() > 5  # something was drawn, not a blank page
