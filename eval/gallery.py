@@ -70,7 +70,7 @@ def _sample_card(step: int, sample: dict) -> str:
     prompt = html.escape(sample["prompt"])
     return (
         f'<div class="sample"><img src="{src}" alt="{prompt}"><div><b>{prompt}</b></div>'
-        f"<div>seed {sample.get('seed', '')}</div><table class=\"scores\">{rows}</table></div>"
+        f'<div>seed {sample.get("seed", "")}</div><table class="scores">{rows}</table></div>'
     )
 
 
@@ -96,7 +96,8 @@ def write_gallery(eval_dir: str | Path, title: str = "yagg evaluation") -> Path:
         summary = ", ".join(f"{html.escape(n)} {_fmt(row[n])}" for n in names if n in row)
         cards = "".join(_sample_card(step, s) for s in samples)
         sections.append(
-            f'<section id="step-{step}"><h2>Step {step}</h2><p>{summary}</p><div class="samples">{cards}</div></section>'
+            f'<section id="step-{step}"><h2>Step {step}</h2><p>{summary}</p>'
+            f'<div class="samples">{cards}</div></section>'
         )
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

@@ -5,7 +5,7 @@ import pytest
 
 from yagg.config import ConfigError, load_config
 
-CONFIG = '''
+CONFIG = """
 import ml_collections
 
 def get_config():
@@ -18,7 +18,7 @@ def get_config():
     c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-3, betas=(0.9, 0.99)))
     c.lock()
     return c
-'''
+"""
 
 
 @pytest.fixture

@@ -78,8 +78,12 @@ def test_renders_in_headless_chromium(tmp_path):
     assert 'data-images="4"' in dom, dom[:500]
     assert 'data-broken="[]"' in dom
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1000,900", page.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1000,900", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     with Image.open(shot) as im:
         pixels = np.asarray(im.convert("RGB"))
     assert pixels.std() > 5  # something was drawn, not a blank page
