@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
     "pillow<13",  # Beam 2.77 caps Pillow below 13.
     "ml-collections",
     "safetensors",
+    "huggingface-hub",  # CLIP checkpoints by hub name (model/clip.py)
     "transformers",  # the CLIP tokenizer only; the model is our own Flax port (model/clip.py)
     "numpy",
 ]
