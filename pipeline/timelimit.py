@@ -1,0 +1,126 @@
+"""Running a function in a long-lived child process, with a wall-clock limit per call.
+
+Why a process: the work it guards (GIF decoding) is CPU-bound Python, numpy and Pillow C code. A thread that runs
+past its limit cannot be stopped, and `signal.alarm` only works on the main thread (Beam runs DoFns on worker
+threads) and cannot interrupt C code that holds the GIL. A child process can always be killed, and it also turns a
+crash in native code (a segfault, the kernel's OOM killer) into one failed element instead of a lost worker.
+
+Why long-lived: starting Python and importing numpy/Pillow costs about half a second, so the child serves call after
+call and is only replaced after it was killed or died. Each DoFn instance owns one child, so a worker with several
+harness threads decodes on several cores at once, outside the GIL of the worker process.
+
+The child is started with `subprocess` and `python -c`, not `multiprocessing`: multiprocessing's spawn would
+re-import the launcher's `__main__` module (all of Beam) in every child.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+_START_TIMEOUT_S = 120.0
+
+
+class TimeLimitExceeded(Exception):
+    """A call ran past its limit; the child was killed (the next call starts a fresh one)."""
+
+
+class ChildDied(Exception):
+    """The child process exited during a call (a crash in native code, or killed for memory)."""
+
+
+class TimeLimitedFunction:
+    """Calls `module:function` in a child process; a call that takes longer than `timeout_s` is killed.
+
+    Arguments and results travel pickled over a pipe. An exception raised by the function is re-raised in the caller
+    (exceptions that cannot be pickled arrive as RuntimeError with their text).
+    """
+
+    def __init__(self, target: str, timeout_s: float) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout_s}")
+        self.target = target
+        self.timeout_s = timeout_s
+        self._process: subprocess.Popen | None = None
+        self._to_child: Connection | None = None
+        self._from_child: Connection | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._process is None or self._process.poll() is not None:
+            self._start()
+        self._to_child.send(args)
+        if not self._from_child.poll(self.timeout_s):
+            self.close()
+            raise TimeLimitExceeded(f"{self.target} took longer than {self.timeout_s:g} s")
+        try:
+            ok, value = self._from_child.recv()
+        except EOFError:
+            code = self._process.wait()
+            self.close()
+            raise ChildDied(f"{self.target}: child process exited with code {code}") from None
+        if ok:
+            return value
+        raise value
+
+    def _start(self) -> None:
+        self.close()
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        code = f"from pipeline.timelimit import serve; serve({to_child_r}, {from_child_w}, {self.target!r})"
+        # The child sees the same import path as this process (an editable install, a Dataflow worker's packages).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", code], pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL
+        )
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._to_child = Connection(to_child_w, readable=False)
+        self._from_child = Connection(from_child_r, writable=False)
+        if not self._from_child.poll(_START_TIMEOUT_S):
+            self.close()
+            raise ChildDied(f"{self.target}: child process did not start within {_START_TIMEOUT_S:g} s")
+        try:
+            ready = self._from_child.recv()
+        except EOFError:
+            code = self._process.wait()
+            self.close()
+            raise ChildDied(f"{self.target}: child process exited with code {code} while starting") from None
+        assert ready == "ready", ready
+
+    def close(self) -> None:
+        """Stops the child (if any); the next call starts a new one."""
+        for connection in (self._to_child, self._from_child):
+            if connection is not None:
+                connection.close()
+        self._to_child = self._from_child = None
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait()
+            self._process = None
+
+
+def serve(read_fd: int, write_fd: int, target: str) -> None:
+    """The child's loop: call the target on each argument tuple received until the parent closes the pipe."""
+    module, _, name = target.partition(":")
+    function = getattr(importlib.import_module(module), name)
+    requests = Connection(read_fd, writable=False)
+    replies = Connection(write_fd, readable=False)
+    replies.send("ready")
+    while True:
+        try:
+            args = requests.recv()
+        except EOFError:
+            return
+        try:
+            reply = (True, function(*args))
+        except Exception as e:
+            reply = (False, e)
+        try:
+            replies.send(reply)
+        except Exception as e:  # an unpicklable exception or result
+            replies.send((False, RuntimeError(f"{type(e).__name__}: {e} (while returning from {target})")))

@@ -1,0 +1,398 @@
+"""The preprocessing job end to end (pipeline/run.py, job.py, embed.py, clip_frames.py) with the tiny CLIP.
+
+Most runs use Beam's in-process runner (`--direct_running_mode=in_memory`) to stay fast; two more run through `main`
+as `yagg preprocess` does, on the default (worker threads, each with a decoding child process) and on Beam's
+multi-process mode, and must write the same bytes.
+"""
+
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from apache_beam.io.filesystem import FileMetadata
+from apache_beam.io.localfilesystem import LocalFileSystem
+from array_record.python.array_record_module import ArrayRecordReader
+from PIL import Image
+
+from model.clip import TextEncoder
+from model.tiny_clip import make_tiny_clip
+from pipeline import gif, job, records, shards
+from pipeline.clip_frames import ClipError, ClipSpec, clip_frames
+from pipeline.manifest import Item
+from pipeline.run import main, preprocess
+from pipeline.shapes import make_shapes
+from pipeline.sources import FetchPolicy
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+IN_PROCESS = ["--direct_running_mode=in_memory"]
+SPEC = ClipSpec(num_frames=6, size=24, fps=None)
+LONG_CAPTION = " ".join(["word"] * 100)  # beyond CLIP's 77 tokens
+
+
+class ObjectStore(LocalFileSystem):
+    """A stand-in for gs:// (which needs cloud credentials): `objstore://x/y` is the local `/x/y`, and folders do not
+    exist as such, as on an object store. Beam finds the class by its scheme once this module is imported."""
+
+    PREFIX = "objstore:/"
+
+    @classmethod
+    def scheme(cls):
+        return "objstore"
+
+    def _local(self, path):
+        return path.removeprefix(self.PREFIX)
+
+    def join(self, base, *paths):
+        return "/".join([base.rstrip("/"), *paths])
+
+    def split(self, path):
+        head, _, tail = path.rstrip("/").rpartition("/")
+        return head, tail
+
+    def has_dirs(self):
+        return False
+
+    def exists(self, path):
+        if path.startswith(self.PREFIX):  # only objects exist; LocalFileSystem's own calls pass local paths
+            return os.path.isfile(self._local(path))
+        return super().exists(path)
+
+    def _list(self, prefix):
+        for m in super()._list(self._local(prefix)):
+            yield FileMetadata(self.PREFIX + m.path, m.size_in_bytes, m.last_updated_in_seconds)
+
+    def metadata(self, path):
+        m = super().metadata(self._local(path))
+        return FileMetadata(path, m.size_in_bytes, m.last_updated_in_seconds)
+
+    def create(self, path, *args, **kwargs):
+        return super().create(self._local(path), *args, **kwargs)
+
+    def open(self, path, *args, **kwargs):
+        return super().open(self._local(path), *args, **kwargs)
+
+    def rename(self, sources, destinations):
+        super().rename([self._local(p) for p in sources], [self._local(p) for p in destinations])
+
+    def delete(self, paths):
+        super().delete([self._local(p) for p in paths])
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """16 moving-shapes GIFs plus one line for every way a line can fail, a duplicate and a second caption."""
+    root = tmp_path_factory.mktemp("shapes")
+    lines = make_shapes(root, num=16, seed=0).read_text(encoding="utf-8").splitlines()
+    Image.new("P", (20, 20)).save(root / "gifs" / "still.gif")
+    (root / "gifs" / "text.gif").write_bytes(b"this is a text file named .gif")
+    whole = (root / "gifs" / "00004.gif").read_bytes()
+    (root / "gifs" / "truncated.gif").write_bytes(whole[: len(whole) // 2])
+    name = {i: line.split("\t")[0] for i, line in enumerate(lines)}
+    extra = [
+        lines[0],  # the identical line again
+        f"{name[1]}\ta second caption for the same gif",
+        "gifs/missing.gif\ta missing file",
+        "gifs/text.gif\tnot a gif at all",
+        "gifs/truncated.gif\ta truncated gif",
+        "gifs/still.gif\ta still image",
+        "a line without a tab",
+        f"{name[2]}\t   ",
+        f"{name[3]}\t{LONG_CAPTION}",
+    ]
+    data = "".join(f"{line}\n" for line in lines + extra).encode() + f"{name[5]}\tcaf\xe9".encode("latin-1")
+    (root / "manifest.tsv").write_bytes(data)
+    return SimpleNamespace(root=root, manifest=root / "manifest.tsv", lines=lines)
+
+
+@pytest.fixture(scope="module")
+def shapes_run(shapes, tiny_clip, tmp_path_factory):
+    output = tmp_path_factory.mktemp("run") / "data"
+    info = preprocess(
+        str(shapes.manifest),
+        str(output),
+        str(tiny_clip),
+        frames=SPEC.num_frames,
+        size=SPEC.size,
+        val_fraction=0.3,
+        num_shards=2,
+        pipeline_args=IN_PROCESS,
+    )
+    return SimpleNamespace(output=output, info=info)
+
+
+def _read_split(output: Path, info: dict, split: str) -> list[dict]:
+    examples = []
+    for shard in info["splits"][split]["shards"]:
+        reader = ArrayRecordReader(str(output / shard["file"]))
+        assert "group_size:1," in reader.writer_options_string()
+        decoded = [records.decode(r) for r in reader.read_all()]
+        assert [e["key"] for e in decoded] == sorted(e["key"] for e in decoded)  # sorted within the shard
+        assert len(decoded) == shard["examples"]
+        examples += decoded
+    return examples
+
+
+def test_every_line_is_accounted_for(shapes_run):
+    accounting = shapes_run.info["accounting"]
+    assert accounting == {
+        "lines_read": 26,
+        "examples_written": 17,  # 16 GIFs, one of them with two captions
+        "duplicates_removed": 1,
+        "dead_lettered": 8,
+        "dead_lettered_by_reason": {
+            "blank caption": 1,
+            "caption too long": 1,
+            "file not found": 1,
+            "malformed line (no tab)": 1,
+            "non-UTF-8 text": 1,
+            "not a gif": 1,
+            "still image": 1,
+            "truncated": 1,
+        },
+        "dead_lettered_by_stage": {"decode": 2, "embed": 1, "fetch": 1, "frames": 1, "manifest": 3},
+    }
+
+
+def test_dead_letters_point_back_to_their_manifest_lines(shapes, shapes_run):
+    rows = []
+    for name in shapes_run.info["dead_letter_files"]:
+        rows += [json.loads(line) for line in (shapes_run.output / name).read_text(encoding="utf-8").splitlines()]
+    assert [r["line"] for r in rows] == [19, 20, 21, 22, 23, 24, 25, 26]
+    manifest_lines = shapes.manifest.read_bytes().split(b"\n")
+    for row in rows:
+        assert set(row) == {"source", "caption", "stage", "reason", "detail", "manifest", "line"}
+        assert row["manifest"] == str(shapes.manifest)
+        if row["reason"] != "non-UTF-8 text":
+            assert row["caption"].strip() in manifest_lines[row["line"] - 1].decode()
+    assert {r["reason"]: r["source"] for r in rows}["file not found"] == str(shapes.root / "gifs" / "missing.gif")
+
+
+def test_records_hold_the_clip_frames_and_the_encoder_embeddings(shapes, shapes_run, tiny_clip):
+    info = shapes_run.info
+    examples = _read_split(shapes_run.output, info, "train") + _read_split(shapes_run.output, info, "val")
+    expected_captions = {line.split("\t")[1] for line in shapes.lines} | {"a second caption for the same gif"}
+    assert sorted(e["caption"] for e in examples) == sorted(expected_captions)
+    assert len({e["key"] for e in examples}) == len(examples)
+
+    encoder = TextEncoder.from_pretrained(str(tiny_clip))
+    reference = encoder.encode([e["caption"] for e in examples])
+    for i, example in enumerate(examples):
+        for field, spec in info["features"].items():
+            if spec["dtype"] != "str":
+                assert example[field].dtype == np.dtype(spec["dtype"]) and list(example[field].shape) == spec["shape"]
+        frames, times = clip_frames((shapes.root / example["source"]).read_bytes(), SPEC)
+        np.testing.assert_array_equal(example["frames"], frames)
+        np.testing.assert_array_equal(example["frame_times_ms"], times)
+        np.testing.assert_allclose(example["text_pooled"], reference["pooled"][i], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(example["text_tokens"], reference["tokens"][i], rtol=2e-3, atol=2e-3)
+        np.testing.assert_array_equal(example["text_mask"], reference["mask"][i].astype(bool))
+
+
+def test_split_follows_the_stable_source_hash(shapes_run):
+    info = shapes_run.info
+    for split in ("train", "val"):
+        examples = _read_split(shapes_run.output, info, split)
+        assert examples, f"no {split} examples"
+        assert all(shards.split_of(e["source"], 0.3) == split for e in examples)
+    assert info["splits"]["train"]["examples"] + info["splits"]["val"]["examples"] == 17
+    assert info["val_fraction"] == 0.3 and info["text_encoder"]["max_length"] == 77
+
+
+@pytest.mark.parametrize("runner_args", [[], ["--direct_running_mode=multi_processing"]], ids=["default", "processes"])
+def test_other_runner_modes_with_config_write_byte_identical_files(
+    shapes, shapes_run, tiny_clip, tmp_path, capsys, runner_args
+):
+    """Settings from a config (one flag overriding it), on the local runner's other modes: the same bytes."""
+    output = tmp_path / "again"
+    config = tmp_path / "config.py"
+    config.write_text(
+        "import ml_collections\n\n"
+        "def get_config():\n"
+        "    c = ml_collections.ConfigDict()\n"
+        f"    c.data = ml_collections.ConfigDict(dict(path={str(output)!r}, frames={SPEC.num_frames}, size=99,\n"
+        f"        fps=None, val_fraction=0.3, num_shards=2, text_encoder={str(tiny_clip)!r}, keep_stills=False))\n"
+        "    return c\n"
+    )
+    argv = ["--config", str(config), "--manifest", str(shapes.manifest), "--size", str(SPEC.size), *runner_args]
+    assert main(argv) == 0
+    assert "26 manifest lines read" in capsys.readouterr().out
+    first = sorted(p.name for p in shapes_run.output.iterdir())
+    assert sorted(p.name for p in output.iterdir()) == first
+    for name in first:
+        assert (output / name).read_bytes() == (shapes_run.output / name).read_bytes(), name
+
+
+def test_manifests_gifs_output_and_text_encoder_on_an_object_store(
+    shapes, shapes_run, tiny_clip, tmp_path, monkeypatch
+):
+    """Everything through Beam's FileSystems, as with gs://: the same shards as from local paths."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the text encoder's local copy goes
+    remote = ObjectStore.PREFIX + str(tmp_path / "bucket" / "data")
+    info = preprocess(
+        ObjectStore.PREFIX + str(shapes.manifest),
+        remote,
+        ObjectStore.PREFIX + str(tiny_clip),
+        frames=SPEC.num_frames,
+        size=SPEC.size,
+        val_fraction=0.3,
+        num_shards=2,
+        pipeline_args=IN_PROCESS,
+    )
+    assert info["accounting"] == shapes_run.info["accounting"]
+    assert info["splits"] == shapes_run.info["splits"]
+    for split in ("train", "val"):
+        for shard in info["splits"][split]["shards"]:
+            local = tmp_path / "bucket" / "data" / shard["file"]
+            assert local.read_bytes() == (shapes_run.output / shard["file"]).read_bytes()
+    staged = [p for p in (tmp_path / "bucket" / "data").rglob("*") if p.is_file() and ".staging-" in str(p)]
+    assert not staged  # every staged object was moved
+    with pytest.raises(ValueError, match="not empty"):  # the folder "exists" only as a prefix, and is still refused
+        preprocess(ObjectStore.PREFIX + str(shapes.manifest), remote, str(tiny_clip), pipeline_args=IN_PROCESS)
+
+
+def test_a_second_run_into_the_same_folder_needs_overwrite(shapes, shapes_run, tiny_clip, capsys):
+    argv = ["--manifest", str(shapes.manifest), "--output", str(shapes_run.output), "--text-encoder", str(tiny_clip)]
+    assert main(argv) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (shapes_run.output / shards.INFO_FILE).is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--frame", "8"], "unrecognised argument(s) --frame"),
+        (["stray"], "unrecognised argument(s) stray"),
+        (["--frames", "0"], "--frames must be at least 1"),
+        (["--val-fraction", "1"], r"--val-fraction must be in \[0, 1\)"),
+        (["--fps", "-2"], "--fps must be positive"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(shapes, tiny_clip, tmp_path, capsys, argv, message):
+    base = ["--manifest", str(shapes.manifest), "--output", str(tmp_path / "out"), "--text-encoder", str(tiny_clip)]
+    assert main(base + argv) == 2
+    assert message.replace("\\", "") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_inputs_are_named(tmp_path, tiny_clip, capsys):
+    assert main(["--manifest", str(tmp_path / "*.tsv"), "--output", str(tmp_path / "o"), "--text-encoder", "x"]) == 2
+    assert "matches no file" in capsys.readouterr().err
+    (tmp_path / "m.tsv").write_text("a.gif\ta cat\n")
+    assert main(["--manifest", str(tmp_path / "m.tsv"), "--output", str(tmp_path / "o")]) == 2
+    assert "--text-encoder is required" in capsys.readouterr().err
+
+
+def test_help_lists_the_flags_and_mentions_beam_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    flags = "--manifest --output --text-encoder --frames --size --fps --val-fraction --num-shards --target-shard-mb"
+    for flag in [*flags.split(), "--keep-stills", "--overwrite", "--config", "DataflowRunner"]:
+        assert flag in out
+
+
+@pytest.mark.skipif(not (CORPUS / "pillow-gifs").is_dir(), reason=f"the shared corpus is not at {CORPUS}")
+def test_pillow_edge_cases_each_become_an_example_or_a_dead_letter(tmp_path, tiny_clip):
+    files = sorted((CORPUS / "pillow-gifs").glob("*.gif"))
+    manifest = tmp_path / "pillow.tsv"
+    manifest.write_text("".join(f"{f}\tan edge case named {f.stem}\n" for f in files))
+    out = tmp_path / "out"
+    info = preprocess(
+        str(manifest), str(out), str(tiny_clip), frames=4, size=16, keep_stills=True, pipeline_args=IN_PROCESS
+    )
+    examples = _read_split(out, info, "train") + _read_split(out, info, "val")
+    dead = [json.loads(line) for line in (out / info["dead_letter_files"][0]).read_text().splitlines()]
+    assert len(files) == 39 and len(examples) + len(dead) == 39
+    assert {e["source"] for e in examples} | {d["source"] for d in dead} == {str(f) for f in files}
+    reasons = {Path(d["source"]).name: d["reason"] for d in dead}
+    assert reasons["decompression_bomb.gif"] == reasons["decompression_bomb_extents.gif"] == "decompression bomb"
+    assert "zero_width.gif" in reasons and "still image" not in reasons.values()
+    # With --keep-stills a single-frame GIF becomes a clip of one repeated frame.
+    hopper = next(e for e in examples if e["source"].endswith("/hopper.gif"))
+    assert (hopper["frames"] == hopper["frames"][:1]).all() and not hopper["frame_times_ms"].any()
+
+
+@pytest.mark.skipif(not (CORPUS / "tgif").is_dir(), reason=f"the shared corpus is not at {CORPUS}")
+def test_tgif_manifest_of_unreachable_urls_is_fully_dead_lettered(tmp_path, tiny_clip, monkeypatch):
+    real_getaddrinfo = socket.getaddrinfo
+
+    def loopback_only(host, *args, **kwargs):
+        if host not in ("localhost", "127.0.0.1", "::1"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    # What this offline machine's resolver answers, made certain: no query leaves the test, wherever it runs.
+    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+    manifest = CORPUS / "tgif" / "tgif-cvpr16-results.tsv"
+    info = preprocess(str(manifest), str(tmp_path / "out"), str(tiny_clip), pipeline_args=IN_PROCESS)
+    accounting = info["accounting"]
+    assert (accounting["lines_read"], accounting["examples_written"], accounting["duplicates_removed"]) == (11360, 0, 0)
+    assert accounting["dead_lettered_by_reason"] == {"host not found": 11360}
+    lines = []
+    for name in info["dead_letter_files"]:
+        lines += [json.loads(row)["line"] for row in (tmp_path / "out" / name).read_text().splitlines()]
+    assert sorted(lines) == list(range(1, 11361))
+
+
+class _CountingDecoder(job.TimeLimitedFunction):
+    calls = 0
+
+    def __call__(self, *args):
+        _CountingDecoder.calls += 1
+        return super().__call__(*args)
+
+
+def _run_dofn(dofn, groups):
+    dofn.setup()
+    try:
+        return list(dofn.process(groups))
+    finally:
+        dofn.teardown()
+
+
+def test_a_gif_with_several_captions_is_decoded_once(shapes, monkeypatch):
+    monkeypatch.setattr(job, "TimeLimitedFunction", _CountingDecoder)
+    source = str(shapes.root / "gifs" / "00001.gif")
+    items = [Item(source, "gifs/00001.gif", caption, str(shapes.manifest), n) for n, caption in enumerate("abc")]
+    out = _run_dofn(job.FetchAndDecode(SPEC, FetchPolicy(), timeout_s=60, threads=2), [(source, items)])
+    assert _CountingDecoder.calls == 1
+    assert [p.item.caption for p in out] == ["a", "b", "c"]
+    assert all(p.frames is out[0].frames for p in out)
+
+
+def test_a_gif_that_takes_too_long_is_dead_lettered_as_timeout(tmp_path):
+    # 40 frames of noise take tens of milliseconds to decode, far beyond the 2 ms allowed here.
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (200, 200), dtype=np.uint8), "L") for _ in range(40)]
+    path = tmp_path / "noise.gif"
+    noise[0].save(path, save_all=True, append_images=noise[1:], duration=40)
+    item = Item(str(path), "noise.gif", "static", "m.tsv", 1)
+    dofn = job.FetchAndDecode(SPEC, FetchPolicy(), timeout_s=0.002, threads=1)
+    (out,) = _run_dofn(dofn, [(str(path), [item])])
+    assert out.tag == "dead" and (out.value.stage, out.value.reason) == ("decode", "timeout")
+
+
+def test_clip_frames_rejects_what_is_not_a_clip(shapes):
+    data = (shapes.root / "gifs" / "00000.gif").read_bytes()
+    frames, times = clip_frames(data, SPEC)
+    assert frames.shape == (6, 24, 24, 3) and frames.dtype == np.uint8 and times.dtype == np.float32
+    with pytest.raises(ClipError) as e:
+        clip_frames(data, ClipSpec(num_frames=6, size=24, fps=0.5))  # 12 s of window, a clip of about 1 s
+    assert (e.value.stage, e.value.reason) == ("frames", "shorter than F/fps")
+    with pytest.raises(ClipError) as e:
+        clip_frames(b"\x89PNG\r\n\x1a\n" + data, SPEC)
+    assert (e.value.stage, e.value.reason) == ("decode", "not a gif")
+    with pytest.raises(ClipError) as e:
+        clip_frames(data, ClipSpec(num_frames=6, size=24, fps=None, limits=gif.DecodeLimits(max_frames=2)))
+    assert (e.value.stage, e.value.reason) == ("decode", "too many frames")
