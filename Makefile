@@ -17,17 +17,23 @@ $(VENV)/.installed: setup.py
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n auto tests
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The whole main job on the built-in moving-shapes dataset, on CPU: data, preprocessing (Beam), training, evaluation
+# (GIFs, scores, gallery) and a few samples, all under runs/demo. Rerunning resumes: training and evaluation pick up
+# where they stopped.
 demo: $(VENV)/.installed
 	$(YAGG) make-tiny-clip --out $(DEMO)/tiny-clip
-	$(YAGG) make-shapes --out $(DEMO)/shapes --num 512 --seed 0
-	$(YAGG) preprocess --config configs/demo.py --manifest $(DEMO)/shapes/manifest.tsv \
-		--text-encoder $(DEMO)/tiny-clip --output $(DEMO)/data --overwrite
+	$(YAGG) make-shapes --out $(DEMO)/shapes --num 1024 --seed 0
+	$(YAGG) preprocess --config configs/demo.py --manifest $(DEMO)/shapes/manifest.tsv --output $(DEMO)/data --overwrite
+	$(YAGG) train --config configs/demo.py --workdir $(DEMO)
+	$(YAGG) sample --workdir $(DEMO) --out $(DEMO)/gifs/sample.gif --scale 8 \
+		"a red circle moving left" "a blue square moving up" "a red triangle moving up"
+	$(YAGG) eval --config configs/demo.py --workdir $(DEMO)
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -1,0 +1,72 @@
+"""The CPU demo: the moving-shapes dataset at 8 frames x 16 x 16, a ~0.4M-parameter U-Net, the tiny random CLIP.
+
+    yagg make-tiny-clip --out runs/demo/tiny-clip
+    yagg make-shapes --out runs/demo/shapes
+    yagg preprocess --config configs/demo.py --manifest runs/demo/shapes/manifest.tsv --overwrite
+    yagg train --config configs/demo.py --workdir runs/demo
+    yagg eval --config configs/demo.py --workdir runs/demo --follow   # beside training, or after it
+
+Sized for a 2-core CPU (`yagg model-info --config configs/demo.py` prints its cost): on XLA's CPU backend a step's
+time follows the number of positions more than the width, so the clip is small and the top level narrow; the shapes
+are still 3-5 pixels across at 16 x 16, enough to tell colour, shape and direction apart.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.base import base_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = base_config()
+    config.num_train_steps = 600
+    config.batch_size = 32
+    config.log_every = 25
+    config.checkpoint_every = 200
+    config.sample_every = 200
+    config.keep_every = 0
+
+    data = config.data
+    data.path = "runs/demo/data"
+    data.frames = 8
+    data.size = 16
+    data.num_shards = 2
+    data.text_encoder = "runs/demo/tiny-clip"  # written by `yagg make-tiny-clip --out runs/demo/tiny-clip`
+    # The tiny CLIP's shapes (model/tiny_clip.py): projection 64, hidden 64, 77 positions.
+    data.text_embed_dim = 64
+    data.text_token_dim = 64
+    data.text_max_length = 77
+
+    model = config.model
+    model.channels = 16
+    model.channel_mults = (1, 2, 2)  # 16x16, 8x8, 4x4
+    model.num_res_blocks = 1
+    model.attention_resolutions = (4,)  # attention at 8x8 cost as much as a whole level; 4x4 and the middle only
+    model.head_dim = 16
+    model.norm_groups = 8
+    model.dtype = "float32"  # bfloat16 is emulated, hence slow, on CPUs
+
+    config.sampling.num_steps = 25
+    config.sampling.guidance_scale = 3.0
+    # Seen combinations first, then held-out colour x direction pairs (pipeline/shapes.py::HELDOUT).
+    config.sampling.prompts = (
+        "a red circle moving left",
+        "a blue square moving up",
+        "a green triangle moving right",
+        "a yellow circle moving down",
+        "a red square moving up",
+        "a green circle moving left",
+    )
+    # `yagg eval`: every colour x direction pair, held-out ones included, so the shapes probe can score them all.
+    config.eval.prompts = "shapes"
+    config.eval.evaluators = ("val_loss", "video", "probe", "clipsim", "frechet")
+    config.eval.poll_seconds = 10.0  # checkpoints come every few minutes on a CPU
+
+    optimizer = config.optimizer
+    optimizer.learning_rate = 1e-3  # a small model and a short run
+    optimizer.warmup_steps = 50
+
+    config.ema_decay = 0.99  # an average over ~100 steps: a 600-step run needs a short memory
+    config.lock()
+    return config

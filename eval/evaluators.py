@@ -1,0 +1,362 @@
+"""The eval job's scores: one small interface and the five evaluators, built from `config.eval`.
+
+An evaluator is built once per eval job, loading what it needs up front (validation clips, a CLIP), and then run once
+per checkpoint on an `EvalContext`: the checkpoint's EMA parameters and the clips generated from them. `run` yields
+`(name, value)` pairs: floats are scores (metrics.jsonl and TensorBoard); strings are labels that say how a score was
+made (metrics.jsonl only, e.g. `clipsim/backbone`). `per_sample` gives scores per generated clip for samples.json.
+The shape of big_vision's `evaluators/common.py`, without its registry: `build_evaluators` names the five.
+
+  val_loss  the denoising loss on the `val` split at fixed timestep buckets (`ValLoss`)
+  video     weight-free video metrics of the generated clips (eval/video_metrics.py)
+  probe     the shapes probe (eval/probe.py): colour and direction accuracy, training vs held-out combinations;
+            only with `eval.prompts = "shapes"`, which says what every clip should show
+  clipsim   CLIPSIM (Wu et al. 2021, "GODIVA", sec. 4.1): the mean cosine similarity between the prompt's CLIP text
+            embedding and each frame's CLIP image embedding
+  frechet   Fréchet distance (eval/frechet.py) between generated and validation clips, each clip represented by the
+            mean of its frames' L2-normalised CLIP image embeddings (one vector per clip, so frame count and motion
+            do not weigh in; the FVD idea with a CLIP backbone instead of I3D, as "CLIP-FID" is to FID)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from eval.frechet import frechet_distance
+from eval.probe import detect_color, detect_direction, probe_scores
+from eval.video_metrics import to_uint8, video_metrics
+from model.diffusion import Schedule, min_snr_weight, q_sample, training_target
+from pipeline import records
+from pipeline.shapes import HELDOUT
+from train import mesh as mesh_lib
+from train.step import frames_to_model
+from yagg.config import ConfigError
+
+EVALUATORS = ("val_loss", "video", "probe", "clipsim", "frechet")
+# What ValLoss reads from each validation record (the train step's inputs).
+VAL_FIELDS = ("frames", "text_pooled", "text_tokens", "text_mask")
+
+
+@dataclasses.dataclass
+class EvalContext:
+    """One checkpoint's evaluation: its parameters and the clips generated from them, sample i for prompts[i]."""
+
+    step: int
+    params: Any  # EMA parameters, in the shardings the eval job restored them into
+    prompts: Sequence[str]
+    seeds: Sequence[int]
+    clips: np.ndarray  # float32 [N, F, H, W, 3] in model space, as the sampler returned them (unclipped)
+    targets: Sequence[tuple[str, str]] | None = None  # (colour, direction) per sample, for the shapes prompts
+    _memo: dict[Any, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The clips as their GIFs show them: uint8 [N, F, H, W, 3]."""
+        return self.memo("pixels", lambda: to_uint8(self.clips))
+
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """`compute()` once per context: evaluators share work on the same samples (e.g. CLIP frame embeddings)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+
+class Evaluator(Protocol):
+    def run(self, ctx: EvalContext) -> Iterable[tuple[str, float | str]]:
+        """The scores of one checkpoint."""
+
+    def per_sample(self, ctx: EvalContext) -> Mapping[str, Sequence[float]]:
+        """Scores per generated clip, name -> one value per sample ({} for evaluators without any)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation loss.
+
+
+def load_val_examples(paths: Sequence[str], count: int) -> dict[str, np.ndarray]:
+    """The first `count` records of the val shards (fewer if the split is smaller), stacked per field."""
+    source = grain.sources.ArrayRecordDataSource(list(paths))
+    examples = [records.decode(source[i]) for i in range(min(count, len(source)))]
+    return {name: np.stack([e[name] for e in examples]) for name in VAL_FIELDS} if examples else {}
+
+
+def bucket_names(num_timesteps: int, num_buckets: int) -> list[tuple[str, int, int]]:
+    """(name, first t, last t) per bucket: `val/loss_t000-099` ... for T = 1000 and 10 buckets (inclusive ranges)."""
+    if not 1 <= num_buckets <= num_timesteps:
+        raise ConfigError(f"eval.val_loss_buckets must be in [1, {num_timesteps}], got {num_buckets}")
+    width = len(str(num_timesteps - 1))
+    edges = [b * num_timesteps // num_buckets for b in range(num_buckets + 1)]
+    return [
+        (f"val/loss_t{lo:0{width}d}-{hi - 1:0{width}d}", lo, hi - 1)
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+    ]
+
+
+class ValLoss:
+    """The training objective on fixed validation batches, per timestep bucket and overall (`val/loss`).
+
+    The loss is training's (model/diffusion.py::diffusion_loss: MSE to the target of the prediction type, weighted by
+    min-SNR-gamma when training was) without condition dropout: every example keeps its caption. Everything random is
+    fixed: for batch b and bucket k, the timesteps (uniform within the bucket) and the noise come from
+    `fold_in(PRNGKey(eval.seed), b * buckets + k)`, so successive checkpoints are scored on identical inputs and
+    their differences are the model's alone. `val/loss` is the mean over buckets: an estimate of the loss at a uniform
+    timestep, like the training loss.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Schedule,
+        examples: Mapping[str, np.ndarray],
+        *,
+        batch_size: int,
+        num_buckets: int,
+        seed: int,
+        min_snr_gamma: float | None,
+        mesh: jax.sharding.Mesh,
+        param_shardings: Any,
+    ) -> None:
+        self._buckets = bucket_names(schedule.num_timesteps, num_buckets)
+        count = len(examples["frames"])
+        assert count > 0, "ValLoss needs validation examples"
+        self._batches = []
+        for start in range(0, count, batch_size):
+            # A short last batch is padded by repeating its last example, with weight 0, to keep one compiled shape.
+            rows = np.arange(start, start + batch_size).clip(max=count - 1)
+            weights = (np.arange(start, start + batch_size) < count).astype(np.float32)
+            self._batches.append(({name: value[rows] for name, value in examples.items()}, weights))
+        self._key = jax.random.PRNGKey(seed)
+
+        def per_example(params: Any, batch: dict[str, jax.Array], key: jax.Array, lo: jax.Array, hi: jax.Array):
+            t_key, noise_key = jax.random.split(key)
+            x0 = frames_to_model(batch["frames"])
+            t = jax.random.randint(t_key, (x0.shape[0],), lo, hi + 1)
+            noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+            condition = {
+                "text_pooled": batch["text_pooled"].astype(jnp.float32),
+                "text_tokens": batch["text_tokens"].astype(jnp.float32),
+                "text_mask": batch["text_mask"],
+            }
+            out = model.apply({"params": params}, q_sample(schedule, x0, noise, t), t, **condition, train=False)
+            target = training_target(schedule, x0, noise, t)
+            loss = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))
+            return loss if min_snr_gamma is None else loss * min_snr_weight(schedule, t, min_snr_gamma)
+
+        replicated = mesh_lib.replicated(mesh)
+        self._losses = jax.jit(
+            per_example,
+            in_shardings=(param_shardings, replicated, replicated, replicated, replicated),
+            out_shardings=replicated,
+        )
+
+    def run(self, ctx: EvalContext) -> Iterable[tuple[str, float]]:
+        bucket_losses = []
+        for k, (name, lo, hi) in enumerate(self._buckets):
+            total = weight = 0.0
+            for b, (batch, weights) in enumerate(self._batches):
+                key = jax.random.fold_in(self._key, b * len(self._buckets) + k)
+                losses = np.asarray(self._losses(ctx.params, batch, key, np.int32(lo), np.int32(hi)))
+                total += float(np.sum(losses * weights))
+                weight += float(weights.sum())
+            bucket_losses.append(total / weight)
+            yield name, bucket_losses[-1]
+        yield "val/loss", float(np.mean(bucket_losses))
+
+    def per_sample(self, ctx: EvalContext) -> Mapping[str, Sequence[float]]:
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scores of the generated clips alone.
+
+
+class VideoMetrics:
+    """eval/video_metrics.py on the generated clips (non-finite and saturated values included)."""
+
+    def run(self, ctx: EvalContext) -> Iterable[tuple[str, float]]:
+        yield from video_metrics(ctx.clips).items()
+
+    def per_sample(self, ctx: EvalContext) -> Mapping[str, Sequence[float]]:
+        return {}
+
+
+class ShapesProbe:
+    """The shapes probe on the generated clips against the colour and direction each prompt asked for."""
+
+    def run(self, ctx: EvalContext) -> Iterable[tuple[str, float]]:
+        yield from probe_scores(ctx.pixels, _targets(ctx), HELDOUT).items()
+
+    def per_sample(self, ctx: EvalContext) -> Mapping[str, Sequence[float]]:
+        targets = _targets(ctx)
+        return {
+            "probe/color": [float(detect_color(c) == t[0]) for c, t in zip(ctx.pixels, targets, strict=True)],
+            "probe/direction": [float(detect_direction(c) == t[1]) for c, t in zip(ctx.pixels, targets, strict=True)],
+        }
+
+
+def _targets(ctx: EvalContext) -> Sequence[tuple[str, str]]:
+    assert ctx.targets is not None, "the probe runs only on the shapes prompts, which carry targets"
+    return ctx.targets
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLIP-based scores.
+
+
+class ClipModel:
+    """One CLIP's text and vision towers (model/clip.py), shared by the evaluators that use it."""
+
+    def __init__(self, name: str) -> None:
+        from model.clip import TextEncoder, VisionEncoder
+
+        if "://" in name:
+            raise ConfigError(
+                f"eval.clip={name!r}: the eval job loads CLIP from a Hugging Face name or a local folder; copy the "
+                "folder to this machine and set --config.eval.clip=FOLDER"
+            )
+        try:
+            self.text = TextEncoder.from_pretrained(name)
+            self.vision = VisionEncoder.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"eval.clip={name!r}: cannot load this CLIP ({e})") from e
+        self.name = name
+
+    def text_embeddings(self, prompts: Sequence[str]) -> np.ndarray:
+        """L2-normalised text embeddings [N, D] (CLIP's text_embeds)."""
+        try:
+            return _normalise(self.text.encode(list(prompts))["pooled"])
+        except ValueError as e:  # a prompt longer than this CLIP's context
+            raise ConfigError(f"eval.clip={self.name!r}: {e}") from e
+
+    def frame_embeddings(self, pixels: np.ndarray) -> np.ndarray:
+        """L2-normalised image embeddings [N, F, D] of every frame of uint8 clips [N, F, H, W, 3]."""
+        n, f = pixels.shape[:2]
+        frames = self.vision.encode(pixels.reshape(n * f, *pixels.shape[2:]))
+        return _normalise(frames).reshape(n, f, -1)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _generated_frame_embeddings(ctx: EvalContext, clip: ClipModel) -> np.ndarray:
+    return ctx.memo(("clip-frames", clip.name), lambda: clip.frame_embeddings(ctx.pixels))
+
+
+class ClipSim:
+    """CLIPSIM per sample (mean over frames of cos(text, frame)) and its mean over samples, with the backbone's name."""
+
+    def __init__(self, clip: ClipModel) -> None:
+        self._clip = clip
+        self._text: dict[tuple[str, ...], np.ndarray] = {}  # the prompts are the same at every checkpoint
+
+    def _similarities(self, ctx: EvalContext) -> np.ndarray:
+        prompts = tuple(ctx.prompts)
+        if prompts not in self._text:
+            self._text[prompts] = self._clip.text_embeddings(prompts)
+        frames = _generated_frame_embeddings(ctx, self._clip)
+        return np.einsum("nfd,nd->nf", frames, self._text[prompts]).mean(axis=1)
+
+    def run(self, ctx: EvalContext) -> Iterable[tuple[str, float | str]]:
+        yield "clipsim", float(ctx.memo("clipsim", lambda: self._similarities(ctx)).mean())
+        yield "clipsim/backbone", self._clip.name
+
+    def per_sample(self, ctx: EvalContext) -> Mapping[str, Sequence[float]]:
+        return {"clipsim": [float(s) for s in ctx.memo("clipsim", lambda: self._similarities(ctx))]}
+
+
+class Frechet:
+    """Fréchet distance between generated and validation clips on mean-pooled CLIP frame embeddings (`frechet/clip`).
+
+    With fewer clips than embedding dimensions the covariances are rank-deficient; eval/frechet.py handles that, but
+    the value then depends on the number of clips: compare runs evaluated with the same counts.
+    """
+
+    def __init__(self, clip: ClipModel, reference_pixels: np.ndarray) -> None:
+        self._clip = clip
+        # The validation clips' features are the same at every checkpoint: computed once.
+        self._reference = clip.frame_embeddings(reference_pixels).mean(axis=1)
+
+    def run(self, ctx: EvalContext) -> Iterable[tuple[str, float | str]]:
+        generated = _generated_frame_embeddings(ctx, self._clip).mean(axis=1)
+        yield "frechet/clip", frechet_distance(generated, self._reference)
+        yield "frechet/backbone", self._clip.name
+
+    def per_sample(self, ctx: EvalContext) -> Mapping[str, Sequence[float]]:
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# From config.
+
+
+def build_evaluators(
+    config: ml_collections.ConfigDict,
+    *,
+    model: nn.Module,
+    schedule: Schedule,
+    mesh: jax.sharding.Mesh,
+    param_shardings: Any,
+    val_paths: Sequence[str],
+    clip_name: str,
+    shapes_prompts: bool,
+    num_samples: int,
+) -> list[Evaluator]:
+    """The evaluators `config.eval.evaluators` names, in that order; ConfigError for a list that cannot work.
+
+    `val_paths` are the val split's shards, `clip_name` the CLIP for clipsim/frechet (config.eval.clip, or the
+    dataset's text encoder), `num_samples` the number of clips generated per checkpoint.
+    """
+    e = config.eval
+    names = list(e.evaluators)
+    unknown = [n for n in names if n not in EVALUATORS]
+    if unknown:
+        raise ConfigError(f"eval.evaluators: unknown evaluator(s) {unknown}; choose from {EVALUATORS}")
+    if "probe" in names and not shapes_prompts:
+        raise ConfigError('eval.evaluators has "probe", which needs eval.prompts="shapes" (it knows no other targets)')
+    if "frechet" in names and num_samples < 2:
+        raise ConfigError(f"frechet needs at least 2 generated clips per checkpoint, eval.prompts gives {num_samples}")
+
+    val: dict[str, np.ndarray] = {}
+    if {"val_loss", "frechet"} & set(names):
+        val = load_val_examples(val_paths, int(e.val_batches) * int(e.batch_size))
+        count = len(val.get("frames", ()))
+        if count < 2:
+            raise ConfigError(
+                f"val_loss and frechet need at least 2 validation examples, but the dataset's val split has {count}: "
+                "preprocess with a larger --val-fraction, or drop them from eval.evaluators"
+            )
+    clip = ClipModel(clip_name) if {"clipsim", "frechet"} & set(names) else None
+
+    def build(name: str) -> Evaluator:
+        if name == "val_loss":
+            gamma = config.diffusion.min_snr_gamma
+            return ValLoss(
+                model,
+                schedule,
+                val,
+                batch_size=int(e.batch_size),
+                num_buckets=int(e.val_loss_buckets),
+                seed=int(e.seed),
+                min_snr_gamma=None if gamma is None else float(gamma),
+                mesh=mesh,
+                param_shardings=param_shardings,
+            )
+        if name == "video":
+            return VideoMetrics()
+        if name == "probe":
+            return ShapesProbe()
+        if name == "clipsim":
+            return ClipSim(clip)
+        return Frechet(clip, val["frames"])
+
+    return [build(name) for name in names]

@@ -1,0 +1,349 @@
+"""`evaluate(config, workdir, *, follow, step)`: the eval job, a process of its own beside training.
+
+    yagg eval --config configs/demo.py --workdir runs/demo/train --follow
+
+For every finished checkpoint of `WORKDIR/checkpoints/`, once: restore the EMA parameters -> sample the fixed prompt
+set (`config.eval.prompts`, sample i from seed `eval.seed + i`) -> run the evaluators (eval/evaluators.py) -> write
+
+    WORKDIR/eval/STEP/NNN-<prompt>.gif   the samples, at the dataset's frame rate
+    WORKDIR/eval/STEP/samples.json      [{"file", "prompt", "seed", "scores"}], scores per sample
+    WORKDIR/eval/metrics.jsonl          one row per step: {"step": N, "<name>": value, ...}
+    WORKDIR/eval/events.out.tfevents.*  the same scalars for TensorBoard
+    WORKDIR/eval/index.html             the gallery (eval/gallery.py), rebuilt after every step
+    WORKDIR/eval/evaluated.json         {"steps": [...]}: the steps done, so a restart does not redo them
+
+Only process 0 writes files. A step's files are written before the step enters evaluated.json, so a crash at worst
+redoes one step (its metrics.jsonl row is replaced, never duplicated).
+
+Checkpoints are read only once finished (eval/sample.py::CheckpointReader: never a temporary folder). Training's
+retention may delete a checkpoint while it is being read: that step is skipped with a warning. With `follow`, the job
+polls every `eval.poll_seconds` and stops once training has finished: the newest checkpoint's step is the
+`num_train_steps` of the config stored in it (the trainer always saves its last step; a preempted run stops earlier
+and is resumed later, so eval keeps waiting) and every checkpoint up to it has been seen. `eval.follow_timeout_s`
+bounds the wait for a trainer that died.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from clu import metric_writers
+from jax.experimental import multihost_utils
+
+from eval import evaluators as evaluators_lib
+from eval.gallery import write_gallery
+from eval.sample import (
+    CheckpointDeletedError,
+    CheckpointReader,
+    Sampler,
+    abstract_params,
+    build_model,
+    check_config_matches,
+    data_facts,
+    encode_prompts,
+    load_text_encoder,
+)
+from eval.video_metrics import to_uint8
+from pipeline.shapes import COLORS, DIRECTIONS, SHAPES, caption_for
+from train import mesh as mesh_lib
+from train.input import check_config_fits, read_dataset_info, shard_paths
+from train.samples import write_gif
+from yagg.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+LEDGER_FILE = "evaluated.json"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.json"
+PROMPT_SETS = ("sampling", "shapes")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    """The clips sampled at every checkpoint: prompts[i] from seeds[i] (targets[i] for the shapes set)."""
+
+    prompts: list[str]
+    seeds: list[int]
+    targets: list[tuple[str, str]] | None
+
+
+def prompt_set(config: ml_collections.ConfigDict) -> PromptSet:
+    """`config.eval.prompts` expanded: each prompt `eval.samples_per_prompt` times, seeds eval.seed, eval.seed + 1, ...
+
+    "shapes" is every colour x direction pair of pipeline/shapes.py in COLORS x DIRECTIONS order, held-out pairs
+    included, with the shape cycling through SHAPES so that each shape is asked for equally often.
+    """
+    e = config.eval
+    if e.prompts == "shapes":
+        combos = [(color, direction) for color in COLORS for direction in DIRECTIONS]
+        base = [caption_for(SHAPES[i % len(SHAPES)], c, d) for i, (c, d) in enumerate(combos)]
+        targets = combos
+    elif e.prompts == "sampling":
+        base, targets = [str(p) for p in config.sampling.prompts], None
+    else:
+        raise ConfigError(f"eval.prompts must be one of {PROMPT_SETS}, got {e.prompts!r}")
+    repeats = int(e.samples_per_prompt)
+    if not base or repeats < 1:
+        raise ConfigError(
+            f"the eval prompt set is empty: eval.prompts={e.prompts!r} gives {len(base)} prompt(s) and "
+            f"eval.samples_per_prompt={repeats}"
+        )
+    prompts = [p for p in base for _ in range(repeats)]
+    return PromptSet(
+        prompts=prompts,
+        seeds=[int(e.seed) + i for i in range(len(prompts))],
+        targets=None if targets is None else [t for t in targets for _ in range(repeats)],
+    )
+
+
+class EvalError(ValueError):
+    """The eval job cannot do what it was asked (no checkpoints, an unknown step, mutually exclusive options)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files.
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)  # readers (the gallery, a restart) never see half a file
+
+
+def read_evaluated(eval_dir: Path) -> set[int]:
+    path = eval_dir / LEDGER_FILE
+    return set(json.loads(path.read_text(encoding="utf-8"))["steps"]) if path.is_file() else set()
+
+
+def _replace_metrics_row(eval_dir: Path, row: dict[str, Any]) -> None:
+    """Appends `row`, dropping any earlier row of the same step (a step redone after a crash or with --step)."""
+    path = eval_dir / METRICS_FILE
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] != row["step"]]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in [*kept, json.dumps(row)]), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _file_name(index: int, prompt: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
+    return f"{index:03d}-{slug}.gif"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Agreement between processes: each one lists the folder at a slightly different moment, so process 0 decides.
+
+
+def _from_process_0(values: Sequence[int]) -> list[int]:
+    if jax.process_count() == 1:
+        return list(values)
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
+    if not count:
+        return []
+    padded = np.zeros(count, np.int32)
+    padded[: len(values)] = values[:count]
+    return [int(v) for v in multihost_utils.broadcast_one_to_all(padded)]
+
+
+def _all_true(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).min())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The job.
+
+
+class _Job:
+    """Everything built once per eval job; `evaluate_step` then scores one checkpoint."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path, reader: CheckpointReader) -> None:
+        self.config = config
+        self.workdir = workdir
+        self.eval_dir = workdir / EVAL_DIR
+        self.is_writer = jax.process_index() == 0
+        self.reader = reader
+        self.prompts = prompt_set(config)
+
+        info = read_dataset_info(config.data.path)
+        check_config_fits(info, config.data)
+        self.model, schedule = build_model(config)
+        self.mesh = mesh_lib.make_mesh(config.mesh)
+        rules = mesh_lib.logical_rules(config.sharding_rules)
+        self.abstract, shardings = abstract_params(self.model, config, self.mesh, rules)
+
+        facts = data_facts(config)
+        self.fps = facts.fps
+        self.condition = encode_prompts(load_text_encoder(facts.text_encoder), self.prompts.prompts, config.data)
+        s, e = config.sampling, config.eval
+        self.sampler = Sampler(
+            self.model,
+            schedule,
+            frames=int(config.data.frames),
+            size=int(config.data.size),
+            method=s.method,
+            num_steps=int(s.num_steps),
+            guidance_scale=float(s.guidance_scale),
+            eta=float(s.eta),
+            batch_size=int(e.batch_size),
+            mesh=self.mesh,
+            param_shardings=shardings,
+        )
+        self.evaluators = evaluators_lib.build_evaluators(
+            config,
+            model=self.model,
+            schedule=schedule,
+            mesh=self.mesh,
+            param_shardings=shardings,
+            val_paths=shard_paths(config.data.path, info, "val"),
+            clip_name=e.clip or facts.text_encoder,
+            shapes_prompts=self.prompts.targets is not None,
+            num_samples=len(self.prompts.prompts),
+        )
+        if self.is_writer:
+            self.eval_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = metric_writers.create_default_writer(str(self.eval_dir), just_logging=not self.is_writer)
+        self.evaluated = set(_from_process_0(sorted(read_evaluated(self.eval_dir))))  # process 0's ledger
+        self._final_steps: dict[int, int] = {}  # checkpoint step -> num_train_steps of its config
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+    def evaluate_step(self, step: int) -> bool:
+        """Scores checkpoint `step` and writes its files; False if the checkpoint vanished before it was read."""
+        started = time.perf_counter()
+        where = self.reader.directory / str(step)
+        try:
+            trained = self.reader.config(step)
+            check_config_matches(self.config, trained, where)
+            params = self.reader.params(step, self.abstract)
+            deleted = None
+        except CheckpointDeletedError as e:
+            deleted = e
+        if not _all_true(deleted is None):
+            log.warning("skipping step %d: %s", step, deleted or "another process could not read it")
+            return False
+        self._final_steps[step] = int(trained.num_train_steps)
+
+        p = self.prompts
+        clips = self.sampler(params, self.condition, p.seeds)
+        ctx = evaluators_lib.EvalContext(
+            step=step, params=params, prompts=p.prompts, seeds=p.seeds, clips=clips, targets=p.targets
+        )
+        scores: dict[str, float | str] = {}
+        per_sample: list[dict[str, float]] = [{} for _ in p.prompts]
+        for evaluator in self.evaluators:
+            scores.update(evaluator.run(ctx))
+            for name, values in evaluator.per_sample(ctx).items():
+                for row, value in zip(per_sample, values, strict=True):
+                    row[name] = value
+        self.evaluated.add(step)  # on every process: they all decide what is left to do the same way
+        if self.is_writer:
+            self._write(step, to_uint8(clips), scores, per_sample)
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if isinstance(v, float))
+        log.info("step %d evaluated in %.1f s: %s", step, time.perf_counter() - started, summary)
+        return True
+
+    def _write(
+        self, step: int, pixels: np.ndarray, scores: dict[str, float | str], per_sample: list[dict[str, float]]
+    ) -> None:
+        folder = self.eval_dir / str(step)
+        folder.mkdir(parents=True, exist_ok=True)
+        p = self.prompts
+        samples = []
+        for i, (clip, prompt, seed, sample_scores) in enumerate(
+            zip(pixels, p.prompts, p.seeds, per_sample, strict=True)
+        ):
+            name = _file_name(i, prompt)
+            write_gif(folder / name, clip, self.fps)
+            samples.append({"file": name, "prompt": prompt, "seed": seed, "scores": sample_scores})
+        _write_json(folder / SAMPLES_FILE, samples)
+        _replace_metrics_row(self.eval_dir, {"step": step, **scores})
+        self.writer.write_scalars(step, {k: v for k, v in scores.items() if isinstance(v, float)})
+        self.writer.flush()
+        _write_json(self.eval_dir / LEDGER_FILE, {"steps": sorted(self.evaluated)})
+        write_gallery(self.eval_dir, title=f"yagg evaluation of {self.workdir}")
+
+    def training_finished(self, steps: Sequence[int], skipped: set[int]) -> bool:
+        """True once the newest checkpoint is the run's last step and every checkpoint has been dealt with."""
+        if not steps or any(s not in self.evaluated and s not in skipped for s in steps):
+            return False
+        newest = steps[-1]
+        if newest not in self._final_steps:
+            try:
+                self._final_steps[newest] = int(self.reader.config(newest).num_train_steps)
+            except CheckpointDeletedError:
+                return False
+        return newest >= self._final_steps[newest]
+
+
+def evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, follow: bool = False, step: int | None = None
+) -> list[int]:
+    """Evaluates the finished checkpoints of `workdir` not evaluated yet (or only `step`, again if need be); with
+    `follow`, keeps waiting for new ones until training has finished (module docstring). Returns the steps evaluated.
+
+    Raises EvalError, SampleError or ConfigError (yagg.config) for problems the user can fix.
+    """
+    if follow and step is not None:
+        raise EvalError("--follow and --step exclude each other: follow a run, or evaluate one step of it")
+    workdir = Path(workdir)
+    reader = CheckpointReader(workdir)
+    if not follow:  # answer a wrong --workdir or --step before the minute of set-up
+        steps = reader.steps()
+        if not steps:
+            raise EvalError(
+                f"no finished checkpoint in {reader.directory}: check --workdir, or pass --follow to wait for one"
+            )
+        if step is not None and step not in steps:
+            raise EvalError(f"--step {step}: no finished checkpoint of that step in {reader.directory} (has {steps})")
+    job = _Job(config, workdir, reader)
+    try:
+        if step is not None:
+            if not job.evaluate_step(step):
+                raise EvalError(f"--step {step}: the checkpoint was deleted while it was being read")
+            return [step]
+        return _evaluate_all(job, follow)
+    finally:
+        job.close()
+
+
+def _evaluate_all(job: _Job, follow: bool) -> list[int]:
+    e = job.config.eval
+    done: list[int] = []
+    skipped: set[int] = set()
+    last_progress = time.monotonic()
+    while True:
+        steps = _from_process_0(job.reader.steps())
+        todo = [s for s in steps if s not in job.evaluated and s not in skipped]
+        for s in todo:
+            if job.evaluate_step(s):
+                done.append(s)
+            else:
+                skipped.add(s)  # deleted by retention: it will not come back
+        if not follow:
+            if not todo:
+                log.info("every checkpoint in %s is evaluated already (%s)", job.reader.directory, steps)
+            return done
+        if _from_process_0([job.training_finished(steps, skipped)])[0]:
+            log.info("training has finished (step %d): stopping", steps[-1])
+            return done
+        if todo:
+            last_progress = time.monotonic()
+        elif e.follow_timeout_s and time.monotonic() - last_progress > float(e.follow_timeout_s):
+            log.warning("no new checkpoint for %.0f s: stopping (eval.follow_timeout_s)", float(e.follow_timeout_s))
+            return done
+        time.sleep(float(e.poll_seconds))

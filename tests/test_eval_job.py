@@ -1,0 +1,205 @@
+"""The eval job (eval/job.py) on the session's tiny run (tests/conftest.py), which `--follow` evaluated as it trained:
+outputs, the gallery in a real browser, restarts, `--step`, checkpoints that vanish or are unfinished, and errors.
+
+Tests that run the job again work on a copy of the run; the ones that only need set-up restrict it to the cheap
+"video" evaluator.
+"""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
+
+from eval.job import EvalError, evaluate, prompt_set
+from eval.main import main_eval
+from eval.sample import CheckpointReader
+from pipeline.shapes import COLORS, DIRECTIONS, HELDOUT
+from yagg.config import ConfigError, load_config
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BASE = Path(__file__).resolve().parents[1] / "configs" / "base.py"
+CHEAP = ["eval.evaluators=('video',)"]
+
+
+def _config(tiny_run, *extra):
+    return load_config(BASE, [*tiny_run.overrides, *extra])
+
+
+def _copy(tiny_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run.workdir, workdir)
+    return workdir
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in (workdir / "eval" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_follow_evaluated_each_checkpoint_written_after_it_started_then_stopped(tiny_run):
+    assert tiny_run.eval_returncode == 0, tiny_run.eval_output[-4000:]
+    assert "training has finished (step 4): stopping" in tiny_run.eval_output
+    assert "evaluated 2 checkpoint(s) [2, 4]" in tiny_run.eval_output
+    eval_dir = tiny_run.workdir / "eval"
+    assert json.loads((eval_dir / "evaluated.json").read_text()) == {"steps": [2, 4]}
+
+
+def test_tensorboard_has_the_scalars_of_metrics_jsonl(tiny_run):
+    (events,) = (tiny_run.workdir / "eval").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    rows = _rows(tiny_run.workdir)
+    scalars = {k for k, v in rows[0].items() if k != "step" and isinstance(v, float)}
+    assert set(accumulator.Tags()["tensors"]) == scalars  # clu writes scalars as tensor summaries
+    for name in ("val/loss", "clipsim"):
+        logged = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors(name)]
+        assert logged == [(r["step"], pytest.approx(r[name])) for r in rows]
+
+
+def test_each_step_has_a_metrics_row_with_every_evaluator(tiny_run):
+    rows = _rows(tiny_run.workdir)
+    assert [r["step"] for r in rows] == [2, 4]
+    buckets = ["val/loss_t00-24", "val/loss_t25-49", "val/loss_t50-74", "val/loss_t75-99"]
+    for row in rows:
+        assert {*buckets, "val/loss", "video/flicker", "video/static_fraction", "clipsim", "frechet/clip"} <= set(row)
+        assert {"probe/color_acc", "probe/direction_acc", "probe/heldout_color_acc", "probe/heldout_direction_acc"} <= (
+            set(row)
+        )
+        assert row["val/loss"] == pytest.approx(np.mean([row[b] for b in buckets]))
+        assert row["clipsim/backbone"] == str(tiny_run.clip)  # the dataset's text encoder, by default
+        assert all(np.isfinite(v) for k, v in row.items() if not k.endswith("/backbone"))
+
+
+def test_each_step_has_a_gif_and_scores_per_prompt_of_the_shapes_set(tiny_run):
+    for step in (2, 4):
+        folder = tiny_run.workdir / "eval" / str(step)
+        samples = json.loads((folder / "samples.json").read_text())
+        assert len(samples) == len(COLORS) * len(DIRECTIONS)
+        assert [s["seed"] for s in samples] == list(range(len(samples)))
+        asked = {(p.split()[1], p.split()[-1]) for p in (s["prompt"] for s in samples)}
+        assert asked == {(c, d) for c in COLORS for d in DIRECTIONS} and set(HELDOUT) <= asked
+        for s in samples:
+            assert set(s["scores"]) == {"probe/color", "probe/direction", "clipsim"}
+            with Image.open(folder / s["file"]) as gif:
+                assert gif.size == (16, 16) and gif.n_frames == 4
+
+
+# Appended to a copy of the page (never to the product): after load, records which images decoded.
+_CHECK_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute('src'));
+  document.body.setAttribute('data-images', imgs.length);
+  document.body.setAttribute('data-broken', JSON.stringify(broken));
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (Debian package `chromium`; .ci/run installs it)")
+def test_the_gallery_loads_every_sample_in_headless_chromium(tiny_run, tmp_path):
+    page = tiny_run.workdir / "eval" / "index.html"
+    probe = tiny_run.workdir / "eval" / f"probe-{tmp_path.name}.html"  # beside the page, so relative paths resolve
+    probe.write_text(page.read_text().replace("</body>", _CHECK_SCRIPT + "</body>"))
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=5000",
+    ]
+    try:
+        dom = subprocess.run(
+            [CHROMIUM, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120, check=True
+        ).stdout
+    finally:
+        probe.unlink()
+    assert 'data-images="48"' in dom, dom[:500]  # 24 samples at each of the two steps
+    assert 'data-broken="[]"' in dom
+
+
+def test_a_restart_evaluates_nothing_again(tiny_run, tmp_path, caplog):
+    workdir = _copy(tiny_run, tmp_path)
+    before = (workdir / "eval" / "metrics.jsonl").read_text()
+    caplog.set_level("INFO", logger="eval.job")
+    assert evaluate(_config(tiny_run, *CHEAP), workdir) == []
+    assert "every checkpoint" in caplog.text and "is evaluated already" in caplog.text
+    assert (workdir / "eval" / "metrics.jsonl").read_text() == before
+
+
+def test_step_evaluates_one_checkpoint_again_and_replaces_its_row(tiny_run, tmp_path):
+    workdir = _copy(tiny_run, tmp_path)
+    config = _config(tiny_run, *CHEAP, "eval.prompts='sampling'")
+    assert evaluate(config, workdir, step=2) == [2]
+    rows = {r["step"]: r for r in _rows(workdir)}
+    assert sorted(rows) == [2, 4]  # replaced, not appended
+    assert "video/flicker" in rows[2] and "val/loss" not in rows[2]
+    assert "val/loss" in rows[4]
+    samples = json.loads((workdir / "eval" / "2" / "samples.json").read_text())
+    assert [s["prompt"] for s in samples] == ["a red circle moving left", "a blue square moving up"]
+    with pytest.raises(EvalError, match="exclude each other"):
+        evaluate(config, workdir, step=2, follow=True)
+    with pytest.raises(EvalError, match="--step 3: no finished checkpoint"):
+        evaluate(config, workdir, step=3)
+
+
+def test_a_checkpoint_deleted_while_it_is_read_is_skipped(tiny_run, tmp_path, monkeypatch, caplog):
+    workdir = _copy(tiny_run, tmp_path)
+    (workdir / "eval" / "evaluated.json").write_text(json.dumps({"steps": [2]}))
+    read = CheckpointReader.params
+
+    def deleted_first(self, step, abstract, **kwargs):
+        shutil.rmtree(self.directory / str(step))  # retention wins the race, mid-read
+        return read(self, step, abstract, **kwargs)
+
+    monkeypatch.setattr(CheckpointReader, "params", deleted_first)
+    caplog.set_level("WARNING", logger="eval.job")
+    assert evaluate(_config(tiny_run, *CHEAP), workdir) == []
+    assert "skipping step 4" in caplog.text and "deleted while being read" in caplog.text
+    assert json.loads((workdir / "eval" / "evaluated.json").read_text()) == {"steps": [2]}
+
+
+def test_unfinished_checkpoint_folders_are_never_listed(tiny_run, tmp_path):
+    workdir = _copy(tiny_run, tmp_path)
+    checkpoints = workdir / "checkpoints"
+    # An Orbax save in flight (its temporary name), and a step folder without Orbax's commit marker.
+    shutil.copytree(checkpoints / "4", checkpoints / "6.orbax-checkpoint-tmp-1700000000000000")
+    shutil.copytree(checkpoints / "4", checkpoints / "8")
+    (checkpoints / "8" / "commit_success.txt").unlink()
+    assert CheckpointReader(workdir).steps() == [2, 4]
+
+
+def test_a_config_that_does_not_match_the_checkpoint_exits_2_naming_the_field(tiny_run, tmp_path, capsys):
+    workdir = _copy(tiny_run, tmp_path)
+    (workdir / "eval" / "evaluated.json").write_text(json.dumps({"steps": [2]}))
+    overrides = [f"--config.{o}" for o in [*tiny_run.overrides, *CHEAP, "diffusion.prediction_type='eps'"]]
+    assert main_eval(["--config", str(BASE), "--workdir", str(workdir), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "diffusion.prediction_type='eps' but the checkpoint has 'v'" in err
+
+
+def test_a_workdir_without_checkpoints_exits_2(tiny_run, tmp_path, capsys):
+    overrides = [f"--config.{o}" for o in tiny_run.overrides]
+    assert main_eval(["--config", str(BASE), "--workdir", str(tmp_path), *overrides]) == 2
+    assert "no finished checkpoint in" in capsys.readouterr().err
+
+
+def test_the_shapes_prompt_set_asks_for_every_combination_with_consecutive_seeds(tiny_run):
+    prompts = prompt_set(_config(tiny_run, "eval.samples_per_prompt=2", "eval.seed=10"))
+    assert len(prompts.prompts) == 2 * len(COLORS) * len(DIRECTIONS)
+    assert prompts.seeds == list(range(10, 10 + len(prompts.prompts)))
+    assert prompts.prompts[0] == prompts.prompts[1] and prompts.targets[0] == prompts.targets[1]
+    for prompt, (color, direction) in zip(prompts.prompts, prompts.targets, strict=True):
+        assert prompt.startswith(f"a {color} ") and prompt.endswith(f" moving {direction}")
+    assert {t for t in prompts.targets} == {(c, d) for c in COLORS for d in DIRECTIONS}
+    with pytest.raises(ConfigError, match="eval.prompts must be one of"):
+        prompt_set(_config(tiny_run, "eval.prompts='everything'"))
