@@ -32,11 +32,12 @@ import numpy as np
 
 from eval.frechet import frechet_distance
 from eval.probe import detect_color, detect_direction, probe_scores
-from eval.video_metrics import to_uint8, video_metrics
+from eval.video_metrics import video_metrics
 from model.diffusion import Schedule, min_snr_weight, q_sample, training_target
 from pipeline import records
 from pipeline.shapes import HELDOUT
 from train import mesh as mesh_lib
+from train.samples import to_uint8
 from train.step import frames_to_model
 from yagg.config import ConfigError
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,11 +52,10 @@ from eval.sample import (
     encode_prompts,
     load_text_encoder,
 )
-from eval.video_metrics import to_uint8
 from pipeline.shapes import COLORS, DIRECTIONS, SHAPES, caption_for
 from train import mesh as mesh_lib
 from train.input import check_config_fits, read_dataset_info, shard_paths
-from train.samples import write_gif
+from train.samples import prompt_slug, to_uint8, write_gif
 from yagg.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -137,8 +135,7 @@ def _replace_metrics_row(eval_dir: Path, row: dict[str, Any]) -> None:
 
 
 def _file_name(index: int, prompt: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
-    return f"{index:03d}-{slug}.gif"
+    return f"{index:03d}-{prompt_slug(prompt)}.gif"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -33,14 +33,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from eval.video_metrics import to_uint8
 from model.build import build_schedule, build_unet, example_inputs
 from model.diffusion import CONDITION_KEYS, Schedule
 from model.sampling import METHODS, guided_predict_fn, sample
 from train import mesh as mesh_lib
 from train.checkpoint import CHECKPOINT_DIR
 from train.input import DataError, read_dataset_info, shard_paths
-from train.samples import dataset_frame_rate, write_gif
+from train.samples import dataset_frame_rate, to_uint8, write_gif
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from train.samples import to_uint8
+
 STATIC_THRESHOLD = 8 / 255  # largest per-pixel change (0-1 scale) for a clip to count as static
-
-
-def to_uint8(clips: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats -> uint8 the way samples are written to GIFs (non-finite values become 0)."""
-    clips = np.nan_to_num(np.asarray(clips, np.float32), nan=-1.0, posinf=1.0, neginf=-1.0)
-    return np.round((np.clip(clips, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
 def video_metrics(clips: np.ndarray) -> dict[str, float]:

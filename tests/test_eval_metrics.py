@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 from eval.probe import detect_color, detect_direction, probe_scores
-from eval.video_metrics import to_uint8, video_metrics
+from eval.video_metrics import video_metrics
 from pipeline import shapes
 from pipeline.frames import resize_center_crop, select_frames
 from pipeline.gif import decode
+from train.samples import to_uint8
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,9 @@ _RATE_PROBE_RECORDS = 64
 
 
 def to_uint8(clips: np.ndarray) -> np.ndarray:
-    """Model space [-1, 1] -> uint8 pixels (values outside the range are clipped)."""
+    """Model space [-1, 1] -> uint8 pixels as GIFs show them: values outside the range are clipped, and non-finite
+    ones (a diverged model) become black or white instead of undefined casts."""
+    clips = np.nan_to_num(np.asarray(clips, np.float32), nan=-1.0, posinf=1.0, neginf=-1.0)
     return np.round((np.clip(clips, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
@@ -61,7 +63,8 @@ def dataset_frame_rate(info: dict[str, Any], paths: Sequence[str]) -> float:
     return 1000.0 / median_ms if median_ms > 0 else 10.0  # single-frame clips have no rate; 10 fps shows them
 
 
-def _slug(prompt: str) -> str:
+def prompt_slug(prompt: str) -> str:
+    """A prompt as a file-name fragment: lower-case letters and digits joined by dashes, at most 60 characters."""
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
 
 
@@ -118,6 +121,6 @@ class SampleWriter:
         out = self.workdir / SAMPLES_DIR / str(step)
         out.mkdir(parents=True, exist_ok=True)
         for i, (prompt, clip) in enumerate(zip(self.prompts, clips, strict=True)):
-            write_gif(out / f"{i:02d}-{_slug(prompt)}.gif", clip, self.fps)
+            write_gif(out / f"{i:02d}-{prompt_slug(prompt)}.gif", clip, self.fps)
         logger.write_images(step, {f"samples/{i:02d}": frame_strip(clip)[None] for i, clip in enumerate(clips)})
         return out
