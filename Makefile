@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 YAGG := $(BIN)/yagg
 DEMO := runs/demo
 
-.PHONY: test demo lint clean-demo
+.PHONY: test demo lint clean-demo bench bench-quick
 
 # Reinstalls when setup.py changes.
 $(VENV)/.installed: setup.py
@@ -34,6 +34,13 @@ demo: $(VENV)/.installed
 	$(YAGG) sample --workdir $(DEMO) --out $(DEMO)/gifs/sample.gif --scale 8 \
 		"a red circle moving left" "a blue square moving up" "a red triangle moving up"
 	$(YAGG) eval --config configs/demo.py --workdir $(DEMO)
+
+# Benchmarks (bench/): a measured ratio per stage, written to bench/results/latest.json and latest.md.
+bench: $(VENV)/.installed
+	$(BIN)/python -m bench.run
+
+bench-quick: $(VENV)/.installed
+	$(BIN)/python -m bench.run --quick
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -1,4 +1,4 @@
-"""TGIF at 16 frames x 128 x 128: a ~295M-parameter factorized U-Net with five levels, rematerialised blocks.
+"""TGIF at 16 frames x 128 x 128: a ~304M-parameter factorized U-Net with five levels, rematerialised blocks.
 
     yagg preprocess --config configs/tgif128.py --manifest tgif-v1.0.tsv --output gs://BUCKET/tgif128 \
         --runner=DataflowRunner --project=P --region=R --temp_location=gs://BUCKET/tmp --setup_file=./setup.py

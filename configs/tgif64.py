@@ -1,4 +1,4 @@
-"""TGIF at 16 frames x 64 x 64: a ~125M-parameter factorized U-Net on CLIP ViT-B/32 text embeddings, bf16 compute.
+"""TGIF at 16 frames x 64 x 64: a ~130M-parameter factorized U-Net on CLIP ViT-B/32 text embeddings, bf16 compute.
 
     yagg preprocess --config configs/tgif64.py --manifest tgif-v1.0.tsv --output gs://BUCKET/tgif64 \
         --runner=DataflowRunner --project=P --region=R --temp_location=gs://BUCKET/tmp --setup_file=./setup.py

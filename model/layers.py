@@ -220,8 +220,13 @@ def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
 
 
 class ResnetBlock3D(nn.Module):
-    """GroupNorm -> SiLU -> conv -> + projected (time + pooled text) embedding -> GroupNorm -> SiLU -> dropout ->
-    conv, plus the input (through a 1x1x1 projection when the channel count changes).
+    """GroupNorm -> SiLU -> conv -> GroupNorm modulated by the conditioning -> SiLU -> dropout -> conv, plus the input
+    (through a 1x1x1 projection when the channel count changes).
+
+    The conditioning `emb` is `[B, F, E]`, one vector per frame (model/unet.py::UNetConditional3D._conditioning); it
+    sets a scale and a shift per channel and frame applied after the second GroupNorm, `norm(h) * (1 + scale) +
+    shift` (ADM's "scale-shift norm", Dhariwal & Nichol 2021): the condition can then gate features, not only offset
+    them, and differently in each frame.
 
     The second convolution's last kernel starts at zero, so every block starts as its skip path, the identity when
     the width does not change (ADM, Dhariwal & Nichol 2021, `zero_module`): a deep U-Net then begins as a shallow one
@@ -241,10 +246,11 @@ class ResnetBlock3D(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.silu(group_norm(x.shape[-1], self.norm_groups, "norm1", **kw)(x))
         h = VideoConv(self.features, self.conv_mode, name="conv1", **kw)(h)
-        # One shift per channel from the conditioning vector, the same at every frame and pixel.
-        shift = Dense(self.features, ("cond_embed", "conv_out"), name="emb_proj", **kw)(nn.silu(emb))
-        h = h + shift[:, None, None, None, :]
-        h = nn.silu(group_norm(self.features, self.norm_groups, "norm2", **kw)(h))
+        # A scale and a shift per channel and frame, the same at every pixel of the frame.
+        scale_shift = Dense(2 * self.features, ("cond_embed", "conv_out"), name="emb_proj", **kw)(nn.silu(emb))
+        scale, shift = jnp.split(scale_shift[:, :, None, None, :], 2, axis=-1)
+        h = group_norm(self.features, self.norm_groups, "norm2", **kw)(h) * (1 + scale) + shift
+        h = nn.silu(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = VideoConv(self.features, self.conv_mode, zero_init=True, name="conv2", **kw)(h)
         if x.shape[-1] != self.features:

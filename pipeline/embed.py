@@ -5,8 +5,15 @@
 truncated), and runs the encoder once per batch. The encoder lives in a `shared.Shared` handle, so all the DoFn
 instances (harness threads) of one worker process share one copy of the weights.
 
-The encoder pads each batch to one of a few bucket sizes itself (model/clip.py), so however BatchElements sizes the
-batches, the jitted text tower compiles only a handful of times per worker.
+Each caption is encoded at the length of its own bucket (16, 32, 64 tokens, or the encoder's maximum), not at
+the maximum (77 for CLIP). The text tower is causal and masks padded keys, so a caption's states do not depend on
+the padding after it; a caption of up to 16 tokens (most of TGIF's; the moving-shapes captions have 7) then costs
+about a fifth. A batch is split by bucket; the bucket depends on the caption alone, never on the
+rest of its batch, so a caption's numbers are the same however the runner batched it and shards stay byte-identical
+across runs and runner modes. Stored token states at padded positions are zero. The encoder pads each call's rows to
+a power of two (model/clip.py), so the jitted text tower compiles for a handful of shapes per worker; the rows of a
+bucket go in power-of-two chunks, so that padding costs at most 7 rows per bucket and batch instead of up to half
+the computation.
 
 Text encoders are named as `TextEncoder.from_pretrained` takes them (a Hugging Face hub name, or a local folder in
 the Hugging Face layout), or as a folder on any Beam filesystem (`gs://bucket/clip/`): that folder is copied to a
@@ -29,7 +36,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
+from model.clip import MAX_BATCH, MIN_BUCKET, TextEncoder  # JAX: imported where text is embedded, not by decoders
 from pipeline.manifest import Item
+
+# The shortest length a caption is encoded at (see the module doc). Short captions share one bucket, so the text
+# tower compiles for fewer shapes; at 16 tokens most real captions (TGIF's: 8-20 tokens) fit the first bucket or two.
+MIN_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -41,11 +53,52 @@ class Pending:
     frame_times_ms: np.ndarray  # float32 [F]
 
 
-def load_text_encoder(name: str) -> Any:
-    """`model.clip.TextEncoder.from_pretrained(name)`, fetching a `scheme://` folder to a local cache first."""
-    from model.clip import TextEncoder  # JAX is imported only where text is embedded, never on the image path.
+class CaptionEncoder(TextEncoder):
+    """CLIP's text tower (`model.clip.TextEncoder`) as the job uses it: captions are tokenised once, then each is
+    encoded at its own length bucket (see the module doc)."""
 
-    return TextEncoder.from_pretrained(_local_copy(name) if "://" in name else name)
+    def tokenize(self, captions: list[str]) -> list[list[int]]:
+        """Each caption's token ids, with the start and end tokens, before any truncation."""
+        return self._token_ids(captions)
+
+    def encode_tokenized(self, token_ids: list[list[int]]) -> dict[str, np.ndarray]:
+        """What `encode` returns for these captions (pooled, tokens, mask), with zeros at padded token positions.
+        Every caption must be at most max_length tokens long."""
+        lengths = np.array([len(ids) for ids in token_ids], np.int64)
+        assert not len(lengths) or lengths.max() <= self.max_length, "check caption lengths before encoding"
+        mask = (np.arange(self.max_length) < lengths[:, None]).astype(np.int32)
+        pooled = np.zeros((len(lengths), self.pooled_dim), np.float32)
+        tokens = np.zeros((len(lengths), self.max_length, self.token_dim), np.float32)
+        buckets = np.array([min(self.max_length, max(MIN_TOKENS, 1 << (int(n) - 1).bit_length())) for n in lengths])
+        for width in np.unique(buckets):
+            same_width = np.flatnonzero(buckets == width)
+            start = 0
+            for size in _row_chunks(len(same_width)):
+                rows = same_width[start : start + size]
+                start += size
+                ids = np.full((len(rows), width), self._pad_id, np.int32)
+                for row, index in enumerate(rows):
+                    ids[row, : lengths[index]] = token_ids[index]
+                out = self.encode_ids(ids, mask[rows, :width])
+                pooled[rows] = out["pooled"]
+                tokens[rows, :width] = out["tokens"] * mask[rows, :width, None]
+        return {"pooled": pooled, "tokens": tokens, "mask": mask}
+
+
+def _row_chunks(rows: int) -> list[int]:
+    """`rows` split into powers of two (largest first, at most MAX_BATCH), plus a last chunk of fewer than
+    MIN_BUCKET: the encoder pads each call's rows up to a power of two, so e.g. 182 rows as one call would compute
+    256, and as 128 + 32 + 16 + 6 compute 184."""
+    chunks = []
+    while rows >= MIN_BUCKET:
+        chunks.append(min(MAX_BATCH, 1 << (rows.bit_length() - 1)))
+        rows -= chunks[-1]
+    return chunks + [rows] if rows else chunks
+
+
+def load_text_encoder(name: str) -> CaptionEncoder:
+    """`CaptionEncoder.from_pretrained(name)`, fetching a `scheme://` folder to a local cache first."""
+    return CaptionEncoder.from_pretrained(_local_copy(name) if "://" in name else name)
 
 
 def _local_copy(folder: str) -> str:
@@ -88,17 +141,17 @@ class EmbedCaptions(beam.DoFn):
         self._encoder = self._shared.acquire(lambda: load_text_encoder(self._name))
 
     def process(self, batch: Sequence[Pending]) -> Iterator[Any]:
-        lengths = self._encoder.token_lengths([p.item.caption for p in batch])
-        fits = []
-        for pending, length in zip(batch, lengths, strict=True):
-            if length > self._encoder.max_length:
-                detail = f"{length} tokens; the text encoder takes at most {self._encoder.max_length}"
+        fits, token_ids = [], []
+        for pending, ids in zip(batch, self._encoder.tokenize([p.item.caption for p in batch]), strict=True):
+            if len(ids) > self._encoder.max_length:
+                detail = f"{len(ids)} tokens; the text encoder takes at most {self._encoder.max_length}"
                 yield beam.pvalue.TaggedOutput(self.DEAD, pending.item.dead("embed", "caption too long", detail))
             else:
                 fits.append(pending)
+                token_ids.append(ids)
         if not fits:
             return
-        out = self._encoder.encode([p.item.caption for p in fits])
+        out = self._encoder.encode_tokenized(token_ids)
         self._batches.inc()
         self._embedded.inc(len(fits))
         for i, pending in enumerate(fits):

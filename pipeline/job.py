@@ -2,8 +2,8 @@
 
     manifest files --read--> lines --parse--> items ------------------------------> (dead letters: bad lines)
     items --group by source--> one group per GIF --dedup--> unique captions ------> (duplicates: counted)
-    groups --batch--> fetch (threads) + decode/select/resize (time-limited child) -> (dead letters)
-    pending examples --batch 64-256--> CLIP text embedding ------------------------> (dead letters: long captions)
+    groups --> fetch (threads) + decode/select/resize (time-limited children) -----> (dead letters)
+    pending examples --batch 256--> CLIP text embedding ---------------------------> (dead letters: long captions)
     examples --encode--> records --split, shard by key hash, sort--> staged shard files
     staged files + counts --commit--> OUTPUT (dataset_info.json last)
 
@@ -18,28 +18,30 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
 from pipeline import records, shards
 from pipeline.clip_frames import ClipError, ClipSpec
 from pipeline.embed import EmbedCaptions, Pending
 from pipeline.manifest import DeadLetter, Item, Line, dedup, parse_line, read_lines
 from pipeline.sources import FetchError, FetchPolicy, fetch
-from pipeline.timelimit import ChildDied, TimeLimitedFunction, TimeLimitExceeded
+from pipeline.timelimit import ChildDied, TimeLimitedPool, TimeLimitExceeded
 
 log = logging.getLogger(__name__)
 
-# The text encoder runs once per batch; 64-256 captions amortise its per-call overhead without holding many
-# examples' frames in memory at once.
-EMBED_BATCH = (64, 256)
+# The text encoder runs once per batch of this many captions (fewer only at the end of a bundle): a full batch
+# amortises the per-call overhead, and one batch size (not BatchElements' adaptive 64-256) means the jitted text
+# tower compiles for one shape per caption-length bucket, plus the last batch's, instead of one per power of two.
+EMBED_BATCH = 256
 _DEAD = EmbedCaptions.DEAD  # the tag of every dead-letter output in the graph
 _DUPLICATE = "duplicate"
 
@@ -59,7 +61,7 @@ class JobSettings:
     target_shard_mb: float | None  # enough shards for this many MiB each
     fetch: FetchPolicy = FetchPolicy()
     element_timeout_s: float = 60.0  # wall-clock limit for decoding one GIF
-    fetch_threads: int = 16  # concurrent downloads per DoFn instance
+    fetch_threads: int = 16  # GIFs fetched or decoded at once per DoFn instance (downloads wait on the network)
 
 
 class _Progress:
@@ -100,12 +102,60 @@ class _Failure:
     detail: str
 
 
-class FetchAndDecode(beam.DoFn):
-    """Batches of (source, unique items) -> Pending examples (one per caption) or tagged dead letters.
+_DECODE_TARGET = "pipeline.clip_frames:clip_frames"
+# GIFs a FetchAndDecode instance keeps in flight (queued, fetching, decoding, or decoded and not yet passed on).
+# The bundle thread embeds, encodes and stores a whole batch of EMBED_BATCH examples at a time; with this many in
+# flight the decoding children still have work queued while it does (with 16 they idled through most of each
+# batch: about a third fewer GIFs/s on the 2-core machine). Only the `threads` being fetched or decoded hold a GIF's
+# bytes; the rest wait unfetched or hold their small decoded clip.
+DECODE_AHEAD = EMBED_BATCH
 
-    The batch's sources are fetched concurrently on threads (downloads wait on the network, not the CPU); each GIF
-    is then decoded, its frames chosen and resized in a child process with a wall-clock limit (pipeline/timelimit.py),
-    so neither a pathological file nor a crash in native code can hang or kill the worker.
+
+def _cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports it, e.g. inside a container)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _SharedDecoders:
+    """One pool of decoding children per worker process, one child per core, shared by every FetchAndDecode instance
+    (one per harness thread) and stopped when the last of them is torn down.
+
+    Per process, not per DoFn: a worker with many harness threads (Dataflow) still decodes on as many cores as it
+    has, and a runner with one bundle thread (the local default) still decodes on all of them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pools: dict[float, tuple[TimeLimitedPool, int]] = {}  # timeout -> (pool, users)
+
+    def acquire(self, timeout_s: float) -> TimeLimitedPool:
+        with self._lock:
+            pool, users = self._pools.get(timeout_s) or (TimeLimitedPool(_DECODE_TARGET, timeout_s, _cores()), 0)
+            self._pools[timeout_s] = (pool, users + 1)
+            return pool
+
+    def release(self, timeout_s: float) -> None:
+        with self._lock:
+            pool, users = self._pools[timeout_s]
+            if users > 1:
+                self._pools[timeout_s] = (pool, users - 1)
+                return
+            del self._pools[timeout_s]
+        pool.close()
+
+
+_DECODERS = _SharedDecoders()
+
+
+class FetchAndDecode(beam.DoFn):
+    """(source, unique items) -> Pending examples (one per caption) or tagged dead letters.
+
+    Each GIF is fetched on a thread (downloads wait on the network, not the CPU), then decoded, its frames chosen and
+    resized in one of the worker's decoding children with a wall-clock limit (pipeline/timelimit.py), so neither a
+    pathological file nor a crash in native code can hang or kill the worker. Up to DECODE_AHEAD GIFs are in flight
+    (`threads` of them fetching or decoding): `process` hands a GIF over and returns the examples of the GIFs that are
+    finished, so the children decode while this thread runs the rest of the fused stage (embedding, encoding);
+    `finish_bundle` waits for the rest. Examples come out in input order.
     """
 
     def __init__(self, clip: ClipSpec, policy: FetchPolicy, timeout_s: float, threads: int) -> None:
@@ -116,41 +166,53 @@ class FetchAndDecode(beam.DoFn):
         self._gifs = Metrics.counter("yagg", "gifs_decoded")
 
     def setup(self) -> None:
-        self._decoder = TimeLimitedFunction("pipeline.clip_frames:clip_frames", self._timeout_s)
+        self._decoder = _DECODERS.acquire(self._timeout_s)
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="fetch")
+        self._in_flight: deque[tuple[list[Item], Future]] = deque()
 
     def teardown(self) -> None:
-        self._decoder.close()
         self._pool.shutdown(cancel_futures=True)
+        _DECODERS.release(self._timeout_s)
 
-    def _fetch(self, source: str) -> bytes | FetchError:
-        try:
-            return fetch(source, self._policy)
-        except FetchError as e:
-            return e
-        except Exception as e:  # a failure fetch() does not foresee must cost one GIF, not the whole job
-            return FetchError(f"unexpected {type(e).__name__}", str(e))
+    def process(self, group: tuple[str, list[Item]]) -> Iterator[Any]:
+        source, items = group
+        self._in_flight.append((items, self._pool.submit(self._clip_of, source)))
+        yield from self._finished(keep=DECODE_AHEAD)
 
-    def process(self, groups: Sequence[tuple[str, list[Item]]]) -> Iterator[Any]:
-        fetched = self._pool.map(self._fetch, [source for source, _ in groups])
-        for (_, items), data in zip(groups, fetched, strict=True):
-            if isinstance(data, FetchError):
-                outcome: tuple[np.ndarray, np.ndarray] | _Failure = _Failure("fetch", data.reason, data.detail)
+    def finish_bundle(self) -> Iterator[Any]:
+        for output in self._finished(keep=0):
+            # Outside `process` Beam needs explicit windows; the job runs in the global window throughout.
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
             else:
-                outcome = self._decode(data)
-            if isinstance(outcome, _Failure):
-                _PROGRESS.add(gifs=1, dead=len(items))
-                for item in items:
-                    yield beam.pvalue.TaggedOutput(_DEAD, item.dead(outcome.stage, outcome.reason, outcome.detail))
-                continue
-            frames, times_ms = outcome
-            self._gifs.inc()
-            _PROGRESS.add(gifs=1, examples=len(items))
-            for item in items:
-                yield Pending(item, frames, times_ms)
+                yield GlobalWindows.windowed_value(output)
 
-    def _decode(self, data: bytes) -> tuple[np.ndarray, np.ndarray] | _Failure:
-        """(frames, frame_times_ms) of the clip, or why there is none."""
+    def _finished(self, keep: int) -> Iterator[Any]:
+        """Outputs of the oldest GIFs in flight: those already done, then (waiting) enough to leave `keep` in flight."""
+        while self._in_flight and (len(self._in_flight) > keep or self._in_flight[0][1].done()):
+            items, future = self._in_flight.popleft()
+            yield from self._outputs(items, future.result())
+
+    def _outputs(self, items: list[Item], outcome: tuple[np.ndarray, np.ndarray] | _Failure) -> Iterator[Any]:
+        if isinstance(outcome, _Failure):
+            _PROGRESS.add(gifs=1, dead=len(items))
+            for item in items:
+                yield beam.pvalue.TaggedOutput(_DEAD, item.dead(outcome.stage, outcome.reason, outcome.detail))
+            return
+        frames, times_ms = outcome
+        self._gifs.inc()
+        _PROGRESS.add(gifs=1, examples=len(items))
+        for item in items:
+            yield Pending(item, frames, times_ms)
+
+    def _clip_of(self, source: str) -> tuple[np.ndarray, np.ndarray] | _Failure:
+        """(frames, frame_times_ms) of the clip at `source`, or why there is none (runs on a fetch thread)."""
+        try:
+            data = fetch(source, self._policy)
+        except FetchError as e:
+            return _Failure("fetch", e.reason, e.detail)
+        except Exception as e:  # a failure fetch() does not foresee must cost one GIF, not the whole job
+            return _Failure("fetch", f"unexpected {type(e).__name__}", str(e))
         try:
             return self._decoder(data, self._clip)
         except ClipError as e:
@@ -289,18 +351,12 @@ def build(p: beam.Pipeline, settings: JobSettings) -> None:
         | "GroupBySource" >> beam.GroupByKey()
         | "Dedup" >> beam.FlatMap(_split_duplicates).with_outputs(_DUPLICATE, main="groups")
     )
-    decoded = (
-        grouped.groups
-        | "BatchSources"
-        >> beam.BatchElements(min_batch_size=settings.fetch_threads, max_batch_size=settings.fetch_threads)
-        | "FetchAndDecode"
-        >> beam.ParDo(
-            FetchAndDecode(settings.clip, settings.fetch, settings.element_timeout_s, settings.fetch_threads)
-        ).with_outputs(_DEAD, main="pending")
-    )
+    decoded = grouped.groups | "FetchAndDecode" >> beam.ParDo(
+        FetchAndDecode(settings.clip, settings.fetch, settings.element_timeout_s, settings.fetch_threads)
+    ).with_outputs(_DEAD, main="pending")
     embedded = (
         decoded.pending
-        | "BatchCaptions" >> beam.BatchElements(min_batch_size=EMBED_BATCH[0], max_batch_size=EMBED_BATCH[1])
+        | "BatchCaptions" >> beam.BatchElements(min_batch_size=EMBED_BATCH, max_batch_size=EMBED_BATCH)
         | "Embed" >> beam.ParDo(EmbedCaptions(settings.text_encoder)).with_outputs(_DEAD, main="examples")
     )
     dead = (
@@ -309,22 +365,28 @@ def build(p: beam.Pipeline, settings: JobSettings) -> None:
         | "CountDead" >> beam.Map(_count_dead)
     )
 
-    entries = (
-        embedded.examples | "Encode" >> beam.Map(_to_record, settings.val_fraction),
-        dead
+    # Records and dead-letter lines take the same path (sizes -> shard counts -> shard assignment -> one group per
+    # file -> written), as two collections: a Flatten of them anywhere before the writing makes the local runner
+    # store every record once more (0.2 ms per demo record on the 2-core machine, in series after all decoding).
+    entries = {
+        "records": embedded.examples | "Encode" >> beam.Map(_to_record, settings.val_fraction),
+        "dead": dead
         | "DeadLetterJson"
         >> beam.Map(lambda d: (shards.DEAD_LETTER, shards.dead_letter_key(d), shards.dead_letter_json(d))),
-    ) | "AllEntries" >> beam.Flatten()
+    }
     totals = (
-        entries | "Sizes" >> beam.Map(lambda e: (e[0], (1, len(e[2])))) | "SumSizes" >> beam.CombinePerKey(_sum_pairs)
+        [group | f"Sizes/{name}" >> beam.Map(lambda e: (e[0], (1, len(e[2])))) for name, group in entries.items()]
+        | "AllSizes" >> beam.Flatten()
+        | "SumSizes" >> beam.CombinePerKey(_sum_pairs)
     )
     staging = shards.staging_dir(settings.output, settings.run_id)
-    files = (
-        entries
-        | "AssignShard" >> beam.Map(_assign_shard, totals=beam.pvalue.AsDict(totals), settings=settings)
-        | "GroupByShard" >> beam.GroupByKey()
-        | "WriteShards" >> beam.Map(_write, staging)
-    )
+    files = [
+        group
+        | f"AssignShard/{name}" >> beam.Map(_assign_shard, totals=beam.pvalue.AsDict(totals), settings=settings)
+        | f"GroupByShard/{name}" >> beam.GroupByKey()
+        | f"WriteShards/{name}" >> beam.Map(_write, staging)
+        for name, group in entries.items()
+    ] | "AllFiles" >> beam.Flatten()
 
     lines_read = lines | "CountLines" >> beam.combiners.Count.Globally()
     duplicates = grouped[_DUPLICATE] | "CountDuplicates" >> beam.combiners.Count.Globally()

@@ -35,7 +35,7 @@ ARRAY_DTYPES: dict[str, np.dtype] = {
     "frames": np.dtype(np.uint8),  # [F, S, S, 3] RGB
     "frame_times_ms": np.dtype(np.float32),  # [F] when each chosen frame is shown in the source GIF
     "text_pooled": np.dtype(np.float32),  # [P] CLIP's pooled (projected) text embedding
-    "text_tokens": np.dtype(np.float16),  # [L, D] CLIP's last hidden states, padded to max_length
+    "text_tokens": np.dtype(np.float16),  # [L, D] CLIP's last hidden states, zero-padded to max_length
     "text_mask": np.dtype(np.bool_),  # [L] True where text_tokens holds a real token
 }
 # key: a hash of (source, caption), the example's identity; source: the GIF's URL or path as written in the manifest.

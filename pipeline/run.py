@@ -6,13 +6,15 @@
 Flags this module does not know are Beam pipeline options (`--runner`, `--project`, `--temp_location`, ...); a flag
 that is neither is refused.
 
-The local default: Beam's DirectRunner (its FnApiRunner) with one worker thread per core, not Beam's default Prism
-runner, which downloads a binary at startup and so fails offline. Threads, not worker processes: the CPU-heavy part
-(decoding, frame choice, resizing) already runs in one child process per worker (pipeline/timelimit.py), so threads
-use every core while the process holds one copy of the text encoder. Measured on 2 cores (512 moving-shapes GIFs; 120
-GIFs of 320x240x40 frames), `--direct_running_mode=multi_processing` took 30-40% longer and 40% more CPU time: each
-worker process loads JAX and the encoder again and every element crosses a gRPC channel. Pass
-`--direct_running_mode=multi_processing` to choose it anyway.
+The local default: Beam's DirectRunner (its FnApiRunner) in its in-process mode (`--direct_running_mode=in_memory`,
+one bundle thread), not Beam's default Prism runner, which downloads a binary at startup and so fails offline. The
+cores are used by the CPU-heavy part, decoding, frame choice and resizing, which runs in a pool of child processes,
+one per core (pipeline/timelimit.py, pipeline/job.py), while the bundle thread embeds captions (on XLA's threads),
+encodes and writes records. Beam's parallel modes cost more than they bring here: `multi_threading` passes every
+element through an in-process gRPC data channel (about twice the job process's CPU time per GIF on the moving-shapes
+set, with the same decoding children) and `multi_processing` also loads JAX and the encoder in every worker.
+Pass `--direct_running_mode=multi_threading` or `multi_processing` to choose them anyway (`--direct_num_workers`
+then defaults to the number of cores); all modes write the same bytes.
 
 `main` parses flags and calls `preprocess`, which tests and other code call directly. The graph is in pipeline/job.py,
 the output folder's layout and commit protocol in pipeline/shards.py.
@@ -290,19 +292,32 @@ def _takes_value(arg: str) -> bool:
 
 
 def _with_default_runner(args: list[str]) -> list[str]:
-    """Adds the local DirectRunner, one worker thread per core (see the module doc), unless a runner is given."""
+    """Adds the local DirectRunner in its in-process mode (see the module doc) unless a runner is given; with a
+    user's choice of Beam's threads or processes mode, one worker per core unless the user says how many."""
     if any(a == "--runner" or a.startswith("--runner=") for a in args):
         return args
-    # The log levels apply where workers are processes (a user's --direct_running_mode=multi_processing): they log
-    # at WARNING except this package's progress lines, which Beam's INFO chatter would bury.
+    mode = _flag_value(args, "--direct_running_mode") or "in_memory"
+    # The log levels apply where workers are processes (--direct_running_mode=multi_processing): they log at WARNING
+    # except this package's progress lines, which Beam's INFO chatter would bury.
     return [
         "--runner=DirectRunner",
-        "--direct_running_mode=multi_threading",
-        f"--direct_num_workers={os.cpu_count() or 1}",
+        f"--direct_running_mode={mode}",
+        f"--direct_num_workers={1 if mode == 'in_memory' else os.cpu_count() or 1}",
         "--default_sdk_harness_log_level=WARNING",
         '--sdk_harness_log_level_overrides={"pipeline": "INFO"}',
         *args,
     ]
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    """The last value given for `flag` (as `--flag=value` or `--flag value`), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+        elif arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+    return value
 
 
 def _check_remote_paths(runner: str, manifests: Sequence[str], output: str, text_encoder: str) -> None:

@@ -46,13 +46,15 @@ CANVAS_RANGE = (48, 96)  # pixels per side, inclusive
 FRAMES_RANGE = (8, 24)  # frames per clip, inclusive, before merging repeated frames (rare; see _merge_repeated_frames)
 DELAY_RANGE_MS = (20, 100)  # per-frame delay, inclusive; GIF stores centiseconds, so multiples of 10
 SIZE_FRACTION = (0.2, 0.3)  # shape size as a fraction of the centred square's side
-TRAVEL_FRACTION = (0.6, 0.9)  # distance travelled over the clip as a fraction of the free room along the path
-# Where along its path a shape starts: within this fraction of the free room from the edge it moves away from.
-# Clips of one direction then sweep the same stretch of the frame while their position across the motion, shape,
-# size and speed vary: the conditional mean of a caption is itself a moving blob, which is what lets a small model
-# learn motion in minutes on a CPU (the demo). Direction is still only readable from motion: every clip passes
-# through the centre.
-START_BAND = 0.15
+TRAVEL_FRACTION = (0.75, 0.85)  # distance travelled over the clip as a fraction of the free room along the path
+# Where a shape's path lies. Along the motion it starts within START_BAND of the free room from the edge it moves away
+# from; across it, within ACROSS_BAND of the free room around the centre line. With speeds in a narrow band
+# (TRAVEL_FRACTION), the clips of one caption sweep nearly the same stretch of the frame while shape, size, colour,
+# canvas, frame count and delays vary: the conditional mean of a caption is itself a moving blob, which is what lets
+# a small model learn motion in minutes on a CPU (the demo; measurements in the README). Direction is still only
+# readable from motion: every clip passes through the centre, and no single frame says which way the shape goes.
+START_BAND = 0.05
+ACROSS_BAND = 0.2
 
 _PALETTE = [BACKGROUND, *COLORS.values()]
 
@@ -102,10 +104,10 @@ def _sample_clip(rng: np.random.Generator, index: int, combo: tuple[str, str]) -
     room = side - size  # free room along either axis inside the square
     travel = room * rng.uniform(*TRAVEL_FRACTION)
     dx, dy = DIRECTIONS[direction]
-    # Start so that the whole path fits: along the motion axis the start is drawn from the start band,
-    # across it anywhere in the square.
+    # Start so that the whole path fits: along the motion axis the start is drawn from the start band, across it
+    # from the band around the centre line.
     along = rng.uniform(0, min(room - travel, START_BAND * room))
-    across = rng.uniform(0, room)
+    across = rng.uniform((1 - ACROSS_BAND) * room / 2, (1 + ACROSS_BAND) * room / 2)
     if dx:
         sx = along if dx > 0 else room - along
         sy = across

@@ -6,8 +6,9 @@ threads) and cannot interrupt C code that holds the GIL. A child process can alw
 crash in native code (a segfault, the kernel's OOM killer) into one failed element instead of a lost worker.
 
 Why long-lived: starting Python and importing numpy/Pillow costs about half a second, so the child serves call after
-call and is only replaced after it was killed or died. Each DoFn instance owns one child, so a worker with several
-harness threads decodes on several cores at once, outside the GIL of the worker process.
+call and is only replaced after it was killed or died. `TimeLimitedPool` holds several such children for callers on
+several threads: the preprocessing job keeps one pool per worker process, one child per core, so a worker decodes on
+every core at once, outside its own GIL, however many harness threads it has.
 
 The child is started with `subprocess` and `python -c`, not `multiprocessing`: multiprocessing's spawn would
 re-import the launcher's `__main__` module (all of Beam) in every child.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import queue
 import subprocess
 import sys
 from multiprocessing.connection import Connection
@@ -102,6 +104,32 @@ class TimeLimitedFunction:
                 self._process.kill()
             self._process.wait()
             self._process = None
+
+
+class TimeLimitedPool:
+    """Up to `size` children of one target for callers on several threads: a call runs on a free child, waiting for
+    one while all are busy. A child starts on its first call; the most recently used idle child serves next, so a
+    pool that is never busy starts only one."""
+
+    def __init__(self, target: str, timeout_s: float, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"a pool needs at least one child, got {size}")
+        self._children = [TimeLimitedFunction(target, timeout_s) for _ in range(size)]
+        self._idle: queue.LifoQueue[TimeLimitedFunction] = queue.LifoQueue()
+        for child in self._children:
+            self._idle.put(child)
+
+    def __call__(self, *args: Any) -> Any:
+        child = self._idle.get()
+        try:
+            return child(*args)
+        finally:
+            self._idle.put(child)
+
+    def close(self) -> None:
+        """Stops every child; calls made afterwards start them again."""
+        for child in self._children:
+            child.close()
 
 
 def serve(read_fd: int, write_fd: int, target: str) -> None:

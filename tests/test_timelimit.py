@@ -1,8 +1,10 @@
 """The per-element wall-clock limit (pipeline/timelimit.py): a child process that is killed when a call overruns."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from pipeline.timelimit import ChildDied, TimeLimitedFunction, TimeLimitExceeded
+from pipeline.timelimit import ChildDied, TimeLimitedFunction, TimeLimitedPool, TimeLimitExceeded
 
 
 @pytest.fixture
@@ -45,3 +47,14 @@ def test_a_child_that_dies_is_reported_and_replaced(make):
 def test_the_limit_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         TimeLimitedFunction("math:sqrt", 0)
+
+
+def test_a_pool_serves_calls_from_several_threads_on_as_many_children():
+    pool = TimeLimitedPool("builtins:eval", 30.0, size=2)
+    try:
+        with ThreadPoolExecutor(2) as threads:
+            pids = list(threads.map(pool, ["__import__('time').sleep(1) or __import__('os').getpid()"] * 2))
+        assert len(set(pids)) == 2  # both calls ran at once, each in a child of its own
+        assert pool("__import__('os').getpid()") in pids  # and the children stay for later calls
+    finally:
+        pool.close()
