@@ -225,6 +225,17 @@ def _params_initializer(model: nn.Module, config: ml_collections.ConfigDict) -> 
     return init
 
 
+# XLA:CPU options for the train step. Since jax 0.10 XLA:CPU hands convolutions to YNNPACK by default; on the demo's
+# narrow convolutions (16-64 channels, frames folded into the batch) XLA's own (Eigen) convolutions make the step
+# faster, so only YNNPACK's dots and reductions stay on (the value lists the fusion types kept; it replaces XLA's
+# default list). Both compiled in one process and timed in alternation (best of 8 demo steps on the shared 2-core
+# development CPU): 1.67 -> 1.58 s (median 1.83 -> 1.65 s); at model.channels=32, 4.75 -> 3.61 s. Accelerators
+# compile with their own defaults.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
+
+
 def _compile_step(
     config: ml_collections.ConfigDict,
     model: nn.Module,
@@ -260,8 +271,9 @@ def _compile_step(
         name: jax.ShapeDtypeStruct((int(config.batch_size), *shape), dtype, sharding=mesh_lib.batch_sharding(mesh))
         for name, (shape, dtype) in shapes.items()
     }
+    options = CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jitted.lower(state, batch, rng).compile()
+        return jitted.lower(state, batch, rng).compile(compiler_options=options)
 
 
 def _loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
