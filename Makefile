@@ -24,16 +24,23 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format .
 
 # The whole main job on the built-in moving-shapes dataset, on CPU: data, preprocessing (Beam), training, evaluation
-# (GIFs, scores, gallery) and a few samples, all under runs/demo. Rerunning resumes: training and evaluation pick up
-# where they stopped.
+# (GIFs, scores, gallery) and a few samples, all under $(DEMO). Rerunning resumes: training and evaluation pick up
+# where they stopped. DEMO (the workdir), DEMO_CLIPS (clips in the dataset) and DEMO_OVERRIDES (`--config.FIELD=VALUE`
+# for training and evaluation) can be set on the command line; tests/test_demo.py runs a shortened demo that way.
+DEMO_CLIPS := 1024
+DEMO_OVERRIDES :=
+DEMO_CONFIG = --config configs/demo.py --config.data.path=$(DEMO)/data --config.data.text_encoder=$(DEMO)/tiny-clip \
+	$(DEMO_OVERRIDES)
+
 demo: $(VENV)/.installed
 	$(YAGG) make-tiny-clip --out $(DEMO)/tiny-clip
-	$(YAGG) make-shapes --out $(DEMO)/shapes --num 1024 --seed 0
-	$(YAGG) preprocess --config configs/demo.py --manifest $(DEMO)/shapes/manifest.tsv --output $(DEMO)/data --overwrite
-	$(YAGG) train --config configs/demo.py --workdir $(DEMO)
+	$(YAGG) make-shapes --out $(DEMO)/shapes --num $(DEMO_CLIPS) --seed 0
+	$(YAGG) preprocess --config configs/demo.py --manifest $(DEMO)/shapes/manifest.tsv --output $(DEMO)/data \
+		--text-encoder $(DEMO)/tiny-clip --overwrite
+	$(YAGG) train $(DEMO_CONFIG) --workdir $(DEMO)
 	$(YAGG) sample --workdir $(DEMO) --out $(DEMO)/gifs/sample.gif --scale 8 \
 		"a red circle moving left" "a blue square moving up" "a red triangle moving up"
-	$(YAGG) eval --config configs/demo.py --workdir $(DEMO)
+	$(YAGG) eval $(DEMO_CONFIG) --workdir $(DEMO)
 
 # Benchmarks (bench/): a measured ratio per stage, written to bench/results/latest.json and latest.md.
 bench: $(VENV)/.installed
