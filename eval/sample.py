@@ -71,7 +71,14 @@ class CheckpointReader:
         self._manager = ocp.CheckpointManager(
             self.directory.absolute(),
             options=ocp.CheckpointManagerOptions(read_only=True),
-            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
+            # Every item the trainer writes (train/checkpoint.py) has a handler, even those never read here (the rng
+            # and the data position): Orbax warns about each item it finds without one, on every restore.
+            item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+                "rng": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def steps(self) -> list[int]:
