@@ -1,6 +1,7 @@
 """Batched CLIP text embedding inside the Beam job: the encoder is loaded once per worker process.
 
-`EmbedCaptions` takes batches of pending examples (from `beam.BatchElements`), checks each caption's token length
+`EmbedCaptions` takes batches of pending examples (one batch of GIFs' worth, from pipeline/job.py's FetchAndDecode),
+checks each caption's token length
 (a caption longer than the encoder's context becomes a dead letter "caption too long" instead of being silently
 truncated), and runs the encoder once per batch. The encoder lives in a `shared.Shared` handle, so all the DoFn
 instances (harness threads) of one worker process share one copy of the weights.
@@ -37,6 +38,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from model.clip import MAX_BATCH, MIN_BUCKET, TextEncoder  # JAX: imported where text is embedded, not by decoders
+from pipeline.batch import Batch
 from pipeline.manifest import Item
 
 # The shortest length a caption is encoded at (see the module doc). Short captions share one bucket, so the text
@@ -126,7 +128,8 @@ def _local_copy(folder: str) -> str:
 
 
 class EmbedCaptions(beam.DoFn):
-    """list[Pending] -> example dicts (the fields of pipeline/records.py); too-long captions -> tagged dead letters."""
+    """list[Pending] -> one list of example dicts (the fields of pipeline/records.py), in order; too-long captions ->
+    tagged dead letters."""
 
     DEAD = "dead"
 
@@ -154,8 +157,8 @@ class EmbedCaptions(beam.DoFn):
         out = self._encoder.encode_tokenized(token_ids)
         self._batches.inc()
         self._embedded.inc(len(fits))
-        for i, pending in enumerate(fits):
-            yield {
+        yield Batch(
+            {
                 "frames": pending.frames,
                 "frame_times_ms": pending.frame_times_ms,
                 "text_pooled": out["pooled"][i],
@@ -165,3 +168,5 @@ class EmbedCaptions(beam.DoFn):
                 "key": pending.item.key,
                 "source": pending.item.name,
             }
+            for i, pending in enumerate(fits)
+        )

@@ -2,18 +2,25 @@
 
     manifest files --read--> lines --parse--> items ------------------------------> (dead letters: bad lines)
     items --group by source--> one group per GIF --dedup--> unique captions ------> (duplicates: counted)
-    groups --> fetch (threads) + decode/select/resize (time-limited children) -----> (dead letters)
-    pending examples --batch 256--> CLIP text embedding ---------------------------> (dead letters: long captions)
-    examples --encode--> records --split, shard by key hash, sort--> staged shard files
+    groups --batch of ~256 captions--> fetch (threads) + decode/select/resize -----> (dead letters)
+           (time-limited children, many GIFs per exchange)
+    a batch of pending examples --> CLIP text embedding ---------------------------> (dead letters: long captions)
+    --encode--> a batch of records --split, shard by key hash--> staged shard files (sorted by key)
     staged files + counts --commit--> OUTPUT (dataset_info.json last)
 
 Grouping by source before fetching means each GIF is fetched and decoded once, however many captions it has, and
-identical manifest lines meet in one place to be de-duplicated. Every manifest line ends as exactly one of: an
+identical manifest lines meet in one place to be de-duplicated. The grouping is also the job's one shuffle before the
+costly work: it spreads the GIFs of one big manifest over the workers. Every manifest line ends as exactly one of: an
 example written, a dead letter, a duplicate; the final step asserts that the three add up to the lines read.
+
+From the batching on, one element is a batch of GIFs and then of their records, not one example: Beam's cost per
+element (one DoFn call per stage, a coder at every shuffle) is then paid once per few hundred examples. On the 2-core
+development machine, with the demo's small clips, that cost per example had been about as large as decoding the GIF.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -30,6 +37,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from pipeline import records, shards
+from pipeline.batch import Batch
 from pipeline.clip_frames import ClipError, ClipSpec
 from pipeline.embed import EmbedCaptions, Pending
 from pipeline.manifest import DeadLetter, Item, Line, dedup, parse_line, read_lines
@@ -103,12 +111,9 @@ class _Failure:
 
 
 _DECODE_TARGET = "pipeline.clip_frames:clip_frames"
-# GIFs a FetchAndDecode instance keeps in flight (queued, fetching, decoding, or decoded and not yet passed on).
-# The bundle thread embeds, encodes and stores a whole batch of EMBED_BATCH examples at a time; with this many in
-# flight the decoding children still have work queued while it does (with 16 they idled through most of each
-# batch: about a third fewer GIFs/s on the 2-core machine). Only the `threads` being fetched or decoded hold a GIF's
-# bytes; the rest wait unfetched or hold their small decoded clip.
-DECODE_AHEAD = EMBED_BATCH
+# GIFs per exchange with a decoding child (timelimit.TimeLimitedFunction.map): enough that the round trip is paid once
+# per many GIFs, few enough that a batch's GIFs still spread over all the children.
+DECODE_CHUNK = 16
 
 
 def _cores() -> int:
@@ -146,16 +151,19 @@ class _SharedDecoders:
 
 _DECODERS = _SharedDecoders()
 
+Group = tuple[str, list[Item]]  # a GIF's source and its unique manifest items
+
 
 class FetchAndDecode(beam.DoFn):
-    """(source, unique items) -> Pending examples (one per caption) or tagged dead letters.
+    """A batch of groups (source, unique items) -> one list of Pending examples, one per caption, in input order; the
+    GIFs that yield no clip become tagged dead letters, one per item.
 
     Each GIF is fetched on a thread (downloads wait on the network, not the CPU), then decoded, its frames chosen and
-    resized in one of the worker's decoding children with a wall-clock limit (pipeline/timelimit.py), so neither a
-    pathological file nor a crash in native code can hang or kill the worker. Up to DECODE_AHEAD GIFs are in flight
-    (`threads` of them fetching or decoding): `process` hands a GIF over and returns the examples of the GIFs that are
-    finished, so the children decode while this thread runs the rest of the fused stage (embedding, encoding);
-    `finish_bundle` waits for the rest. Examples come out in input order.
+    resized in one of the worker's decoding children with a wall-clock limit per GIF (pipeline/timelimit.py), so
+    neither a pathological file nor a crash in native code can hang or kill the worker. The GIFs go to the children
+    DECODE_CHUNK at a time, one chunk per free child. `process` starts a batch and returns the previous one's
+    examples, so the children decode a batch while this thread runs the rest of the fused stage (embedding,
+    encoding) on the one before; `finish_bundle` returns the last.
     """
 
     def __init__(self, clip: ClipSpec, policy: FetchPolicy, timeout_s: float, threads: int) -> None:
@@ -167,62 +175,81 @@ class FetchAndDecode(beam.DoFn):
 
     def setup(self) -> None:
         self._decoder = _DECODERS.acquire(self._timeout_s)
-        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="fetch")
-        self._in_flight: deque[tuple[list[Item], Future]] = deque()
+        self._fetchers = ThreadPoolExecutor(self._threads, thread_name_prefix="fetch")
+        # One thread per decoding child: each hands a chunk to a free child and waits for its answers.
+        self._chunks = ThreadPoolExecutor(_cores(), thread_name_prefix="decode")
+        self._in_flight: deque[tuple[list[Group], list[Future]]] = deque()
 
     def teardown(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
+        self._fetchers.shutdown(cancel_futures=True)
+        self._chunks.shutdown(cancel_futures=True)
         _DECODERS.release(self._timeout_s)
 
-    def process(self, group: tuple[str, list[Item]]) -> Iterator[Any]:
-        source, items = group
-        self._in_flight.append((items, self._pool.submit(self._clip_of, source)))
-        yield from self._finished(keep=DECODE_AHEAD)
+    def process(self, batch: list[Group]) -> Iterator[Any]:
+        fetched = [self._fetchers.submit(self._fetch, source) for source, _ in batch]
+        chunks = [
+            self._chunks.submit(self._decode, fetched[i : i + DECODE_CHUNK]) for i in range(0, len(batch), DECODE_CHUNK)
+        ]
+        self._in_flight.append((batch, chunks))
+        while len(self._in_flight) > 1:
+            yield from self._outputs(*self._in_flight.popleft())
 
     def finish_bundle(self) -> Iterator[Any]:
-        for output in self._finished(keep=0):
-            # Outside `process` Beam needs explicit windows; the job runs in the global window throughout.
-            if isinstance(output, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
-            else:
-                yield GlobalWindows.windowed_value(output)
+        while self._in_flight:
+            for output in self._outputs(*self._in_flight.popleft()):
+                # Outside `process` Beam needs explicit windows; the job runs in the global window throughout.
+                if isinstance(output, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+                else:
+                    yield GlobalWindows.windowed_value(output)
 
-    def _finished(self, keep: int) -> Iterator[Any]:
-        """Outputs of the oldest GIFs in flight: those already done, then (waiting) enough to leave `keep` in flight."""
-        while self._in_flight and (len(self._in_flight) > keep or self._in_flight[0][1].done()):
-            items, future = self._in_flight.popleft()
-            yield from self._outputs(items, future.result())
+    def _outputs(self, batch: list[Group], chunks: list[Future]) -> Iterator[Any]:
+        outcomes = [outcome for chunk in chunks for outcome in chunk.result()]
+        pending: list[Pending] = []
+        for (_, items), outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, _Failure):
+                _PROGRESS.add(gifs=1, dead=len(items))
+                for item in items:
+                    yield beam.pvalue.TaggedOutput(_DEAD, item.dead(outcome.stage, outcome.reason, outcome.detail))
+                continue
+            frames, times_ms = outcome
+            self._gifs.inc()
+            _PROGRESS.add(gifs=1, examples=len(items))
+            pending += [Pending(item, frames, times_ms) for item in items]
+        if pending:
+            yield Batch(pending)
 
-    def _outputs(self, items: list[Item], outcome: tuple[np.ndarray, np.ndarray] | _Failure) -> Iterator[Any]:
-        if isinstance(outcome, _Failure):
-            _PROGRESS.add(gifs=1, dead=len(items))
-            for item in items:
-                yield beam.pvalue.TaggedOutput(_DEAD, item.dead(outcome.stage, outcome.reason, outcome.detail))
-            return
-        frames, times_ms = outcome
-        self._gifs.inc()
-        _PROGRESS.add(gifs=1, examples=len(items))
-        for item in items:
-            yield Pending(item, frames, times_ms)
-
-    def _clip_of(self, source: str) -> tuple[np.ndarray, np.ndarray] | _Failure:
-        """(frames, frame_times_ms) of the clip at `source`, or why there is none (runs on a fetch thread)."""
+    def _fetch(self, source: str) -> bytes | _Failure:
+        """The GIF's bytes, or why there are none (runs on a fetch thread)."""
         try:
-            data = fetch(source, self._policy)
+            return fetch(source, self._policy)
         except FetchError as e:
             return _Failure("fetch", e.reason, e.detail)
         except Exception as e:  # a failure fetch() does not foresee must cost one GIF, not the whole job
             return _Failure("fetch", f"unexpected {type(e).__name__}", str(e))
+
+    def _decode(self, fetched: list[Future]) -> list[tuple[np.ndarray, np.ndarray] | _Failure]:
+        """(frames, frame_times_ms) of each fetched GIF, or why there is none (runs on a decode thread)."""
+        datas = [future.result() for future in fetched]
+        calls = [(data, self._clip) for data in datas if not isinstance(data, _Failure)]
         try:
-            return self._decoder(data, self._clip)
-        except ClipError as e:
-            return _Failure(e.stage, e.reason, e.detail)
-        except TimeLimitExceeded as e:
-            return _Failure("decode", "timeout", str(e))
-        except ChildDied as e:
-            return _Failure("decode", "decoder crashed", str(e))
-        except Exception as e:  # a bug in decoding must cost one GIF, not the whole job
-            return _Failure("decode", f"unexpected {type(e).__name__}", str(e))
+            decoded = iter(self._decoder.map(calls))
+        except ChildDied as e:  # no child could be started: every GIF of the chunk fails with the reason
+            decoded = iter([e] * len(calls))
+        return [data if isinstance(data, _Failure) else _decode_outcome(next(decoded)) for data in datas]
+
+
+def _decode_outcome(outcome: Any) -> tuple[np.ndarray, np.ndarray] | _Failure:
+    """A decoding child's answer for one GIF (timelimit.TimeLimitedFunction.map) as a clip or a failure."""
+    if isinstance(outcome, ClipError):
+        return _Failure(outcome.stage, outcome.reason, outcome.detail)
+    if isinstance(outcome, TimeLimitExceeded):
+        return _Failure("decode", "timeout", str(outcome))
+    if isinstance(outcome, ChildDied):
+        return _Failure("decode", "decoder crashed", str(outcome))
+    if isinstance(outcome, Exception):  # a bug in decoding must cost one GIF, not the whole job
+        return _Failure("decode", f"unexpected {type(outcome).__name__}", str(outcome))
+    return outcome
 
 
 def _split_duplicates(group: tuple[str, Iterable[Item]]) -> Iterator[Any]:
@@ -235,12 +262,13 @@ def _split_duplicates(group: tuple[str, Iterable[Item]]) -> Iterator[Any]:
 
 
 def _parse(line: Line) -> Iterator[Any]:
+    """A manifest line -> (source, item) keyed for the grouping by GIF, or a tagged dead letter."""
     Metrics.counter("yagg", "lines_read").inc()
     parsed = parse_line(line)
     if isinstance(parsed, DeadLetter):
         yield beam.pvalue.TaggedOutput(_DEAD, parsed)
     else:
-        yield parsed
+        yield parsed.source, parsed
 
 
 def _count_dead(dead: DeadLetter) -> DeadLetter:
@@ -248,9 +276,24 @@ def _count_dead(dead: DeadLetter) -> DeadLetter:
     return dead
 
 
-def _to_record(example: dict[str, Any], val_fraction: float) -> tuple[str, str, bytes]:
-    Metrics.counter("yagg", "examples_written").inc()
-    return shards.split_of(example["source"], val_fraction), example["key"], records.encode(example)
+Entry = tuple[str, str, bytes]  # (group: a split or shards.DEAD_LETTER, sort key, payload)
+
+
+def _to_records(examples: list[dict[str, Any]], val_fraction: float) -> Batch:
+    """A batch of examples -> a Batch of record entries."""
+    Metrics.counter("yagg", "examples_written").inc(len(examples))
+    return Batch((shards.split_of(e["source"], val_fraction), e["key"], records.encode(e)) for e in examples)
+
+
+def _sizes(entries: list[Entry]) -> Iterator[tuple[str, tuple[int, int]]]:
+    """(group, (entries, bytes)) for each group a batch of entries holds."""
+    totals: dict[str, list[int]] = {}
+    for group, _, payload in entries:
+        count_size = totals.setdefault(group, [0, 0])
+        count_size[0] += 1
+        count_size[1] += len(payload)
+    for group, (count, size) in totals.items():
+        yield group, (count, size)
 
 
 def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
@@ -261,21 +304,24 @@ def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
     return count, size
 
 
-def _assign_shard(
-    entry: tuple[str, str, bytes], totals: dict[str, tuple[int, int]], settings: JobSettings
-) -> tuple[tuple[str, int, int], tuple[str, bytes]]:
-    group, key, payload = entry
-    count, size = totals[group]
-    if group == shards.DEAD_LETTER:
-        n = -(-count // shards.DEAD_LETTERS_PER_FILE)
-    else:
-        n = shards.num_shards(count, size, settings.num_shards, settings.target_shard_mb)
-    return (group, shards.shard_of(key, n), n), (key, payload)
+def _assign_shards(
+    entries: list[Entry], totals: dict[str, tuple[int, int]], settings: JobSettings
+) -> Iterator[tuple[tuple[str, int, int], list[tuple[str, bytes]]]]:
+    """A batch of entries -> ((group, shard, shards in the group), the batch's (key, payload) pairs of that shard)."""
+    by_shard: dict[tuple[str, int, int], list[tuple[str, bytes]]] = {}
+    for group, key, payload in entries:
+        count, size = totals[group]
+        if group == shards.DEAD_LETTER:
+            n = -(-count // shards.DEAD_LETTERS_PER_FILE)
+        else:
+            n = shards.num_shards(count, size, settings.num_shards, settings.target_shard_mb)
+        by_shard.setdefault((group, shards.shard_of(key, n), n), []).append((key, payload))
+    yield from by_shard.items()
 
 
-def _write(shard: tuple[tuple[str, int, int], Iterable[tuple[str, bytes]]], staging: str) -> shards.ShardFile:
-    (group, index, count), entries = shard
-    return shards.write_shard(staging, group, index, count, entries)
+def _write(shard: tuple[tuple[str, int, int], Iterable[list[tuple[str, bytes]]]], staging: str) -> shards.ShardFile:
+    (group, index, count), parts = shard
+    return shards.write_shard(staging, group, index, count, itertools.chain.from_iterable(parts))
 
 
 def _finalize(
@@ -337,28 +383,28 @@ def _finalize(
 
 def build(p: beam.Pipeline, settings: JobSettings) -> None:
     """Adds the whole job to `p`; running `p` writes the dataset to `settings.output`."""
-    lines = (
-        p
-        | "Manifests" >> beam.Create(list(settings.manifests))
-        | "ReadLines" >> beam.FlatMap(read_lines)
-        # Spread the lines of one big manifest over the workers before anything costly happens to them.
-        | "SpreadLines" >> beam.Reshuffle()
-    )
+    lines = p | "Manifests" >> beam.Create(list(settings.manifests)) | "ReadLines" >> beam.FlatMap(read_lines)
     parsed = lines | "Parse" >> beam.FlatMap(_parse).with_outputs(_DEAD, main="items")
     grouped = (
         parsed.items
-        | "BySource" >> beam.Map(lambda item: (item.source, item))
+        # The one shuffle before the costly work: it also spreads a big manifest's GIFs over the workers.
         | "GroupBySource" >> beam.GroupByKey()
         | "Dedup" >> beam.FlatMap(_split_duplicates).with_outputs(_DUPLICATE, main="groups")
     )
-    decoded = grouped.groups | "FetchAndDecode" >> beam.ParDo(
-        FetchAndDecode(settings.clip, settings.fetch, settings.element_timeout_s, settings.fetch_threads)
-    ).with_outputs(_DEAD, main="pending")
-    embedded = (
-        decoded.pending
-        | "BatchCaptions" >> beam.BatchElements(min_batch_size=EMBED_BATCH, max_batch_size=EMBED_BATCH)
-        | "Embed" >> beam.ParDo(EmbedCaptions(settings.text_encoder)).with_outputs(_DEAD, main="examples")
+    decoded = (
+        grouped.groups
+        | "BatchGifs"
+        >> beam.BatchElements(
+            min_batch_size=EMBED_BATCH, max_batch_size=EMBED_BATCH, element_size_fn=lambda group: len(group[1])
+        )
+        | "FetchAndDecode"
+        >> beam.ParDo(FetchAndDecode(settings.clip, settings.fetch, settings.element_timeout_s, settings.fetch_threads))
+        .with_output_types(Batch)
+        .with_outputs(_DEAD, main="pending")
     )
+    embedded = decoded.pending | "Embed" >> beam.ParDo(EmbedCaptions(settings.text_encoder)).with_output_types(
+        Batch
+    ).with_outputs(_DEAD, main="examples")
     dead = (
         (parsed[_DEAD], decoded[_DEAD], embedded[_DEAD])
         | "AllDeadLetters" >> beam.Flatten()
@@ -366,23 +412,24 @@ def build(p: beam.Pipeline, settings: JobSettings) -> None:
     )
 
     # Records and dead-letter lines take the same path (sizes -> shard counts -> shard assignment -> one group per
-    # file -> written), as two collections: a Flatten of them anywhere before the writing makes the local runner
-    # store every record once more (0.2 ms per demo record on the 2-core machine, in series after all decoding).
+    # file -> written), as two collections of entry lists: records a batch per element, dead letters one each (they
+    # are few). A Flatten of them anywhere before the writing makes the local runner store every record once more.
     entries = {
-        "records": embedded.examples | "Encode" >> beam.Map(_to_record, settings.val_fraction),
+        "records": embedded.examples
+        | "Encode" >> beam.Map(_to_records, settings.val_fraction).with_output_types(Batch),
         "dead": dead
         | "DeadLetterJson"
-        >> beam.Map(lambda d: (shards.DEAD_LETTER, shards.dead_letter_key(d), shards.dead_letter_json(d))),
+        >> beam.Map(lambda d: [(shards.DEAD_LETTER, shards.dead_letter_key(d), shards.dead_letter_json(d))]),
     }
     totals = (
-        [group | f"Sizes/{name}" >> beam.Map(lambda e: (e[0], (1, len(e[2])))) for name, group in entries.items()]
+        [group | f"Sizes/{name}" >> beam.FlatMap(_sizes) for name, group in entries.items()]
         | "AllSizes" >> beam.Flatten()
         | "SumSizes" >> beam.CombinePerKey(_sum_pairs)
     )
     staging = shards.staging_dir(settings.output, settings.run_id)
     files = [
         group
-        | f"AssignShard/{name}" >> beam.Map(_assign_shard, totals=beam.pvalue.AsDict(totals), settings=settings)
+        | f"AssignShard/{name}" >> beam.FlatMap(_assign_shards, totals=beam.pvalue.AsDict(totals), settings=settings)
         | f"GroupByShard/{name}" >> beam.GroupByKey()
         | f"WriteShards/{name}" >> beam.Map(_write, staging)
         for name, group in entries.items()

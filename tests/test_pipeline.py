@@ -356,22 +356,23 @@ def test_tgif_manifest_of_unreachable_urls_is_fully_dead_lettered(tmp_path, tiny
 class _CountingDecoder(timelimit.TimeLimitedFunction):
     calls = 0
 
-    def __call__(self, *args):
-        _CountingDecoder.calls += 1
-        return super().__call__(*args)
+    def map(self, calls):
+        _CountingDecoder.calls += len(calls)
+        return super().map(calls)
 
 
-def _run_dofn(dofn, groups):
-    """FetchAndDecode's outputs for `groups`, in order, as one bundle (finish_bundle's without their windows)."""
+def _run_dofn(dofn, batches):
+    """FetchAndDecode's outputs for `batches` (each a list of groups), in order, as one bundle: the examples one by
+    one (each batch's list opened) and the dead letters, finish_bundle's without their windows."""
     dofn.setup()
     try:
-        out = [output for group in groups for output in dofn.process(group)]
+        outputs = [output for batch in batches for output in dofn.process(batch)]
         for output in dofn.finish_bundle():
             if isinstance(output, TaggedOutput):
-                out.append(TaggedOutput(output.tag, output.value.value))
+                outputs.append(TaggedOutput(output.tag, output.value.value))
             else:
-                out.append(output.value)
-        return out
+                outputs.append(output.value)
+        return [one for output in outputs for one in (output if isinstance(output, list) else [output])]
     finally:
         dofn.teardown()
 
@@ -380,7 +381,7 @@ def test_a_gif_with_several_captions_is_decoded_once(shapes, monkeypatch):
     monkeypatch.setattr(timelimit, "TimeLimitedFunction", _CountingDecoder)
     source = str(shapes.root / "gifs" / "00001.gif")
     items = [Item(source, "gifs/00001.gif", caption, str(shapes.manifest), n) for n, caption in enumerate("abc")]
-    out = _run_dofn(job.FetchAndDecode(SPEC, FetchPolicy(), timeout_s=60, threads=2), [(source, items)])
+    out = _run_dofn(job.FetchAndDecode(SPEC, FetchPolicy(), timeout_s=60, threads=2), [[(source, items)]])
     assert _CountingDecoder.calls == 1
     assert [p.item.caption for p in out] == ["a", "b", "c"]
     assert all(p.frames is out[0].frames for p in out)
@@ -394,7 +395,7 @@ def test_a_gif_that_takes_too_long_is_dead_lettered_as_timeout(tmp_path):
     noise[0].save(path, save_all=True, append_images=noise[1:], duration=40)
     item = Item(str(path), "noise.gif", "static", "m.tsv", 1)
     dofn = job.FetchAndDecode(SPEC, FetchPolicy(), timeout_s=0.002, threads=1)
-    (out,) = _run_dofn(dofn, [(str(path), [item])])
+    (out,) = _run_dofn(dofn, [[(str(path), [item])]])
     assert out.tag == "dead" and (out.value.stage, out.value.reason) == ("decode", "timeout")
 
 
@@ -411,3 +412,20 @@ def test_clip_frames_rejects_what_is_not_a_clip(shapes):
     with pytest.raises(ClipError) as e:
         clip_frames(data, ClipSpec(num_frames=6, size=24, fps=None, limits=gif.DecodeLimits(max_frames=2)))
     assert (e.value.stage, e.value.reason) == ("decode", "too many frames")
+
+
+def test_a_batch_of_gifs_comes_back_in_order_with_its_failures_as_dead_letters(shapes, tmp_path):
+    # More GIFs than one exchange with a decoding child holds, with failures of each stage among them.
+    good = sorted((shapes.root / "gifs").glob("000*.gif"))[: 2 * job.DECODE_CHUNK - 4]
+    sources = [str(p) for p in good]
+    sources.insert(3, str(tmp_path / "missing.gif"))  # fetch
+    sources.insert(job.DECODE_CHUNK + 1, str(shapes.root / "gifs" / "text.gif"))  # decode
+    groups = [
+        (source, [Item(source, Path(source).name, f"caption {n}", "m.tsv", n)]) for n, source in enumerate(sources)
+    ]
+    out = _run_dofn(job.FetchAndDecode(SPEC, FetchPolicy(), timeout_s=60, threads=4), [groups[:10], groups[10:]])
+    dead = [o.value for o in out if isinstance(o, TaggedOutput)]
+    examples = [o for o in out if not isinstance(o, TaggedOutput)]
+    assert [(d.line, d.stage, d.reason) for d in dead] == [(3, "fetch", "file not found"), (17, "decode", "not a gif")]
+    assert [e.item.line for e in examples] == [n for n in range(len(sources)) if n not in (3, 17)]
+    assert all(e.frames.shape == (6, 24, 24, 3) for e in examples)

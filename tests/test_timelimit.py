@@ -58,3 +58,38 @@ def test_a_pool_serves_calls_from_several_threads_on_as_many_children():
         assert pool("__import__('os').getpid()") in pids  # and the children stay for later calls
     finally:
         pool.close()
+
+
+def test_map_answers_every_call_in_order_with_results_or_exceptions(make):
+    sqrt = make("math:sqrt")
+    first, error, last = sqrt.map([(16.0,), (-1.0,), (9.0,)])
+    assert (first, last) == (4.0, 3.0)
+    assert isinstance(error, ValueError) and "math domain error" in str(error)
+    assert sqrt.map([]) == []
+
+
+def test_map_limits_each_call_and_goes_on_in_a_fresh_child(make):
+    evaluate = make("builtins:eval", timeout_s=1.0)
+    pid = "__import__('os').getpid()"
+    # Each of the quick calls takes a fraction of the limit, together more than it: the limit is per call.
+    quick = "__import__('time').sleep(0.4) or " + pid
+    outcomes = evaluate.map([(quick,), (quick,), (quick,), ("__import__('time').sleep(60)",), (pid,)])
+    assert len(set(outcomes[:3])) == 1, "the calls before the overrun share one child"
+    assert isinstance(outcomes[3], TimeLimitExceeded)
+    assert isinstance(outcomes[4], int) and outcomes[4] != outcomes[0], "the calls after it run in a new child"
+
+
+def test_map_reports_a_child_that_died_and_goes_on(make):
+    evaluate = make("builtins:eval")
+    outcomes = evaluate.map([("1 + 1",), ("__import__('os')._exit(3)",), ("2 + 3",)])
+    assert outcomes[0] == 2 and outcomes[2] == 5
+    assert isinstance(outcomes[1], ChildDied) and "exited with code 3" in str(outcomes[1])
+
+
+def test_a_pool_maps_on_one_free_child():
+    pool = TimeLimitedPool("builtins:eval", 30.0, size=2)
+    try:
+        pids = pool.map([("__import__('os').getpid()",)] * 3)
+        assert len(set(pids)) == 1
+    finally:
+        pool.close()
