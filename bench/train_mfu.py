@@ -30,7 +30,7 @@ profiling this benchmark: in a `jax.profiler` trace of the demo step about a thi
 layout copies XLA adds before each convolution's weight gradient (an activation [B*F, H, W, C] rewritten as
 [C, H, W, B*F]), most of the rest to convolutions, GroupNorm statistics and element-wise passes over activations of
 16-48 channels, which move more bytes than they compute; XLA's own convolutions beat YNNPACK's there. What remains
-is the demo's width: the same step at `--config.model.channels=32` does 3.8x the FLOPs in 2.7x the time.
+is the demo's width: the same step at `--config.model.channels=32` does 3.8x the FLOPs in 2.3x the time.
 
 Other benchmarks import `TrainStep` and `build_train_step` from here, so every train-step figure in `bench/` times
 the same code.
