@@ -1,10 +1,10 @@
 """Batched CLIP text embedding inside the Beam job: the encoder is loaded once per worker process.
 
-`EmbedCaptions` takes batches of pending examples (one batch of GIFs' worth, from pipeline/job.py's FetchAndDecode),
-checks each caption's token length
-(a caption longer than the encoder's context becomes a dead letter "caption too long" instead of being silently
-truncated), and runs the encoder once per batch. The encoder lives in a `shared.Shared` handle, so all the DoFn
-instances (harness threads) of one worker process share one copy of the weights.
+`EmbedCaptions` takes batches of pending examples (a batch of GIFs' worth, from pipeline/job.py's FetchAndDecode),
+checks each caption's token length (a caption longer than the encoder's context becomes a dead letter "caption too
+long" instead of being silently truncated), and runs the encoder once per batch. The encoder lives in a
+`shared.Shared` handle, so all the DoFn instances (harness threads) of one worker process share one copy of the
+weights.
 
 Each caption is encoded at the length of its own bucket (16, 32, 64 tokens, or the encoder's maximum), not at
 the maximum (77 for CLIP). The text tower is causal and masks padded keys, so a caption's states do not depend on

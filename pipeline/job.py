@@ -15,7 +15,9 @@ example written, a dead letter, a duplicate; the final step asserts that the thr
 
 From the batching on, one element is a batch of GIFs and then of their records, not one example: Beam's cost per
 element (one DoFn call per stage, a coder at every shuffle) is then paid once per few hundred examples. On the 2-core
-development machine, with the demo's small clips, that cost per example had been about as large as decoding the GIF.
+development machine, with the demo's small clips, the job's own thread had spent about as much CPU per example
+(Beam, embedding, encoding) as a child spent decoding its GIF; batching took a third of that off (README,
+"Benchmarks").
 """
 
 from __future__ import annotations
@@ -231,11 +233,7 @@ class FetchAndDecode(beam.DoFn):
     def _decode(self, fetched: list[Future]) -> list[tuple[np.ndarray, np.ndarray] | _Failure]:
         """(frames, frame_times_ms) of each fetched GIF, or why there is none (runs on a decode thread)."""
         datas = [future.result() for future in fetched]
-        calls = [(data, self._clip) for data in datas if not isinstance(data, _Failure)]
-        try:
-            decoded = iter(self._decoder.map(calls))
-        except ChildDied as e:  # no child could be started: every GIF of the chunk fails with the reason
-            decoded = iter([e] * len(calls))
+        decoded = iter(self._decoder.map([(data, self._clip) for data in datas if not isinstance(data, _Failure)]))
         return [data if isinstance(data, _Failure) else _decode_outcome(next(decoded)) for data in datas]
 
 
@@ -308,15 +306,18 @@ def _assign_shards(
     entries: list[Entry], totals: dict[str, tuple[int, int]], settings: JobSettings
 ) -> Iterator[tuple[tuple[str, int, int], list[tuple[str, bytes]]]]:
     """A batch of entries -> ((group, shard, shards in the group), the batch's (key, payload) pairs of that shard)."""
+    counts = {group: _shard_count(group, *totals[group], settings) for group in {group for group, _, _ in entries}}
     by_shard: dict[tuple[str, int, int], list[tuple[str, bytes]]] = {}
     for group, key, payload in entries:
-        count, size = totals[group]
-        if group == shards.DEAD_LETTER:
-            n = -(-count // shards.DEAD_LETTERS_PER_FILE)
-        else:
-            n = shards.num_shards(count, size, settings.num_shards, settings.target_shard_mb)
+        n = counts[group]
         by_shard.setdefault((group, shards.shard_of(key, n), n), []).append((key, payload))
     yield from by_shard.items()
+
+
+def _shard_count(group: str, records: int, size: int, settings: JobSettings) -> int:
+    if group == shards.DEAD_LETTER:
+        return -(-records // shards.DEAD_LETTERS_PER_FILE)
+    return shards.num_shards(records, size, settings.num_shards, settings.target_shard_mb)
 
 
 def _write(shard: tuple[tuple[str, int, int], Iterable[list[tuple[str, bytes]]]], staging: str) -> shards.ShardFile:

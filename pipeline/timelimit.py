@@ -58,18 +58,7 @@ class TimeLimitedFunction:
         self._from_child: Connection | None = None
 
     def __call__(self, *args: Any) -> Any:
-        if self._process is None or self._process.poll() is not None:
-            self._start()
-        self._to_child.send(args)
-        if not self._from_child.poll(self.timeout_s):
-            self.close()
-            raise TimeLimitExceeded(f"{self.target} took longer than {self.timeout_s:g} s")
-        try:
-            ok, value = self._from_child.recv()
-        except EOFError:
-            code = self._process.wait()
-            self.close()
-            raise ChildDied(f"{self.target}: child process exited with code {code}") from None
+        ((ok, value),) = self._exchange([args])
         if ok:
             return value
         raise value
@@ -81,26 +70,33 @@ class TimeLimitedFunction:
 
         Each call is limited to `timeout_s` of its own, counted from the answer to the call before it.
         """
-        outcomes: list[Any] = []
-        while len(outcomes) < len(calls):
+        return [value for _, value in self._exchange(calls)]
+
+    def _exchange(self, calls: Sequence[tuple]) -> list[tuple[bool, Any]]:
+        """(ok, result or exception) per call: the calls go to the child in one message and the answers come back one
+        by one; an overrun or a death costs the call it happened in, and the rest go to a fresh child."""
+        answers: list[tuple[bool, Any]] = []
+        while len(answers) < len(calls):
+            rest = calls[len(answers) :]
             if self._process is None or self._process.poll() is not None:
-                self._start()
-            rest = calls[len(outcomes) :]
-            self._to_child.send(_Batch(list(rest)))
+                try:
+                    self._start()
+                except ChildDied as e:  # no child to run them: every remaining call fails with the reason
+                    return answers + [(False, e)] * len(rest)
+            self._to_child.send(_Batch(rest))
             for _ in rest:
                 if not self._from_child.poll(self.timeout_s):
                     self.close()
-                    outcomes.append(TimeLimitExceeded(f"{self.target} took longer than {self.timeout_s:g} s"))
+                    answers.append((False, TimeLimitExceeded(f"{self.target} took longer than {self.timeout_s:g} s")))
                     break
                 try:
-                    ok, value = self._from_child.recv()
+                    answers.append(self._from_child.recv())
                 except EOFError:
                     code = self._process.wait()
                     self.close()
-                    outcomes.append(ChildDied(f"{self.target}: child process exited with code {code}"))
+                    answers.append((False, ChildDied(f"{self.target}: child process exited with code {code}")))
                     break
-                outcomes.append(value)
-        return outcomes
+        return answers
 
     def _start(self) -> None:
         self.close()
@@ -175,12 +171,12 @@ class TimeLimitedPool:
 
 
 class _Batch(list):
-    """Several calls' argument tuples in one message (`TimeLimitedFunction.map`); the child answers each in turn."""
+    """The argument tuples of one or more calls, sent as one message; the child answers each in turn."""
 
 
 def serve(read_fd: int, write_fd: int, target: str) -> None:
-    """The child's loop: call the target on each argument tuple received (or on each of a _Batch of them) and send
-    back one answer per call, until the parent closes the pipe."""
+    """The child's loop: call the target on each argument tuple of each _Batch received and send back one answer per
+    call, until the parent closes the pipe."""
     module, _, name = target.partition(":")
     function = getattr(importlib.import_module(module), name)
     requests = Connection(read_fd, writable=False)
@@ -188,10 +184,10 @@ def serve(read_fd: int, write_fd: int, target: str) -> None:
     replies.send("ready")
     while True:
         try:
-            message = requests.recv()
+            batch = requests.recv()
         except EOFError:
             return
-        for args in message if isinstance(message, _Batch) else [message]:
+        for args in batch:
             try:
                 reply = (True, function(*args))
             except Exception as e:

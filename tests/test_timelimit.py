@@ -93,3 +93,11 @@ def test_a_pool_maps_on_one_free_child():
         assert len(set(pids)) == 1
     finally:
         pool.close()
+
+
+def test_map_without_a_child_that_starts_fails_every_call_with_the_reason(make):
+    missing = make("no_such_module_here:f")
+    outcomes = missing.map([(1,), (2,)])
+    assert len(outcomes) == 2 and all(isinstance(o, ChildDied) and "while starting" in str(o) for o in outcomes)
+    with pytest.raises(ChildDied, match="while starting"):
+        missing(1)
