@@ -27,11 +27,14 @@ JAX, transformers) happen before any timing: a user pays them once per command, 
 comes first (the launcher compiles the text encoder once per process; only the first run would pay it). Rounds
 interleave floor, small job and big job; each figure is the best over rounds.
 
-In `details`: the fixed cost (the small run's time minus its GIFs at the steady rate), the big run's end-to-end
-rate, the CPU-seconds per GIF of the job (its process and its children, from `getrusage`) and of the floor, and the
-load average. CPU time says what the job costs whatever share of the cores it got: `cores * floor CPU / job CPU`
-is the ratio the job would reach if its CPU time spread perfectly over otherwise idle cores, a cross-check for runs
-on a busy machine, where the wall-clock ratio mostly measures what the other processes left.
+In `details`, first `floor_on_all_cores_speedup`: the same bare loop in one forked process per core at once, ÷ the
+loop alone (best of the rounds, measured before anything starts JAX or Beam). It is the most any job could reach on
+the machine: where cores share a host, copies of the bare loop slow each other down. Then the fixed cost (the small
+run's time minus its GIFs at the steady rate), the big run's end-to-end rate, the CPU-seconds per GIF of the job (its
+process and its children, from `getrusage`) and of the floor, and the load average. CPU time says what the job costs
+whatever share of the cores it got: `cores * floor CPU / job CPU` is the ratio the job would reach if its CPU time
+spread perfectly over otherwise idle cores, a cross-check for runs on a busy machine, where the wall-clock ratio
+mostly measures what the other processes left.
 """
 
 from __future__ import annotations
