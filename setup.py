@@ -14,7 +14,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 # Everything here was checked to install together on Python 3.11 (CPU).
-# What the preprocessing job imports (pipeline/ and model/clip.py): the Dataflow workers install exactly this.
+# What the preprocessing job imports (pipeline/, contracts/ and model/clip/): the Dataflow workers install exactly this.
 INSTALL_REQUIRES = [
     "apache-beam>=2.77,<2.78",
     "array-record>=0.8,<0.9",
@@ -50,10 +50,16 @@ setup(
         include=[
             "yagg",
             "yagg.*",
+            "contracts",
+            "contracts.*",
+            "parallel",
+            "parallel.*",
             "pipeline",
             "pipeline.*",
             "model",
             "model.*",
+            "inference",
+            "inference.*",
             "train",
             "train.*",
             "eval",

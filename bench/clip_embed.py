@@ -2,8 +2,8 @@
 
     python -m bench.clip_embed [--quick]
 
-What is timed is what the job's `EmbedCaptions.process` (pipeline/embed.py) does with a batch: the pipeline's text
-encoder (`pipeline.embed.CaptionEncoder`) tokenises the captions (`tokenize`) and encodes them (`encode_tokenized`:
+What is timed is what the job's `EmbedCaptions.process` (pipeline/embed.py) does with a batch: the text conditioner
+(`contracts.conditioning.TextConditioner`) tokenises the captions (`token_ids`) and encodes them (`encode_token_ids`:
 each caption at its own length bucket, the rows of each bucket in one jitted call of the text tower). Batched, the
 batch is `pipeline.job.EMBED_BATCH` captions, the job's batch size; single, the same two calls with a list of one
 caption, as a caller embedding captions one by one would make them.
@@ -11,7 +11,7 @@ caption, as a caller embedding captions one by one would make them.
 The model is the text tower of the default CLIP, openai/clip-vit-base-patch32 (width 512, 12 layers, 8 heads, MLP
 2048, 77 positions, vocabulary 49408, projection 512), with random weights built here: speed does
 not depend on weight values, and nothing is downloaded. The encoder is constructed directly, as
-`CaptionEncoder.from_pretrained` constructs it, with the byte-level BPE tokenizer of the tiny CLIP
+`TextEncoder.from_pretrained` constructs it, with the byte-level BPE tokenizer of the tiny CLIP
 (`model.tiny_clip.write_tokenizer`; the real one cannot be fetched offline). It splits the captions below into
 10-33 tokens (median 14), close to what CLIP's own tokenizer gives for such plain English.
 
@@ -33,9 +33,9 @@ import numpy as np
 from transformers import CLIPTokenizer
 
 from bench.common import REPO, Metric, parse_args, write_metrics
-from model.clip import TextModelWithProjection
+from contracts.conditioning import TextConditioner
+from model.clip import TextEncoder, TextModelWithProjection
 from model.tiny_clip import EOS, write_tokenizer
-from pipeline.embed import CaptionEncoder
 from pipeline.job import EMBED_BATCH
 
 MANIFEST = REPO.parent / "shared" / "corpus" / "tgif" / "tgif-cvpr16-results.tsv"
@@ -56,7 +56,7 @@ FULL = (2, 24, 3)
 QUICK = (1, 8, 1)
 
 
-def build_encoder(folder: Path) -> CaptionEncoder:
+def build_encoder(folder: Path) -> TextConditioner:
     """The pipeline's text encoder with a random full-size CLIP ViT-B/32 text tower."""
     vocab = write_tokenizer(folder)
     module = TextModelWithProjection(**CLIP_B32_TEXT, eos_token_id=vocab[EOS])
@@ -67,14 +67,13 @@ def build_encoder(folder: Path) -> CaptionEncoder:
         lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.02),
         jax.eval_shape(module.init, jax.random.key(0), example)["params"],
     )
-    return CaptionEncoder(
-        "random clip-vit-base-patch32 text tower", module, params, CLIPTokenizer.from_pretrained(folder)
-    )
+    name = "random clip-vit-base-patch32 text tower"
+    return TextConditioner(TextEncoder(name, module, params, CLIPTokenizer.from_pretrained(folder)), name)
 
 
-def embed(encoder: CaptionEncoder, captions: list[str]) -> dict[str, np.ndarray]:
+def embed(encoder: TextConditioner, captions: list[str]) -> dict[str, np.ndarray]:
     """The calls EmbedCaptions.process makes for a batch of captions."""
-    return encoder.encode_tokenized(encoder.tokenize(captions))
+    return encoder.encode_token_ids(encoder.token_ids(captions))
 
 
 def main() -> None:
@@ -104,7 +103,7 @@ def main() -> None:
             embed(encoder, [caption])
         single_s.append(time.perf_counter() - start)
 
-    lengths = np.array([len(ids) for ids in encoder.tokenize(batched)])
+    lengths = np.array([len(ids) for ids in encoder.token_ids(batched)])
     batched_rate = len(batched) / min(batched_s)
     single_rate = len(singles) / min(single_s)
     metric = Metric(

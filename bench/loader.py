@@ -18,7 +18,7 @@ best of its rounds (the machine is shared).
   for: batch size / step seconds = examples/s consumed.
 * Raw: the same records read straight from array_record's `ArrayRecordDataSource` in batches (`__getitems__` with
   one global batch of shuffled indices, one epoch's permutation after another, as Grain reads them), each record
-  decoded with `pipeline.records.decode` and the batch fields stacked, as Grain's pipeline does: what reading and
+  decoded with `contracts.records.decode` and the batch fields stacked, as Grain's pipeline does: what reading and
   decoding cost without Grain's machinery (its dataset graph, threads and prefetch buffer).
 
 `loader_vs_train_consumption` = Grain examples/s ÷ train step examples/s; goal >= 20 (the input pipeline must
@@ -43,12 +43,13 @@ from array_record.python.array_record_data_source import ArrayRecordDataSource
 from bench.common import Metric, parse_args, write_metrics
 from bench.train_mfu import build_train_step
 from configs import demo
+from contracts import records
+from contracts.dataset import read_dataset_info, shard_paths
 from model.tiny_clip import make_tiny_clip
-from pipeline import records
-from pipeline.run import preprocess
+from parallel import mesh as mesh_lib
+from pipeline.run import Settings, preprocess
 from pipeline.shapes import make_shapes
 from train import input as input_lib
-from train import mesh as mesh_lib
 
 # (moving-shapes clips, loader batches per round, train steps per round, rounds)
 FULL = (512, 300, 5, 3)
@@ -60,16 +61,18 @@ def _write_shards(root: Path, num_clips: int, data: object) -> tuple[list[str], 
     manifest = make_shapes(root / "shapes", num_clips, seed=0)
     output = root / "data"
     preprocess(
-        str(manifest),
-        str(output),
-        str(make_tiny_clip(root / "tiny-clip")),
-        frames=data.frames,
-        size=data.size,
-        fps=data.fps,
-        num_shards=data.num_shards,
+        Settings(
+            manifests=(str(manifest),),
+            output=str(output),
+            text_encoder=str(make_tiny_clip(root / "tiny-clip")),
+            frames=data.frames,
+            size=data.size,
+            fps=data.fps,
+            num_shards=data.num_shards,
+        )
     )
-    info = input_lib.read_dataset_info(output)
-    return input_lib.shard_paths(output, info), info
+    info = read_dataset_info(str(output))
+    return shard_paths(str(output), info), info
 
 
 def _raw_batches(paths: list[str], global_batch: int, seed: int):
@@ -130,17 +133,17 @@ def main() -> None:
     raw_rate = batches * global_batch / min(raw_s)
     train_rate = steps * global_batch / min(step_s)
     command = "python -m bench.loader" + (" --quick" if args.quick else "")
-    train_split = info["splits"]["train"]
+    train_split = info.splits["train"]
     common = {
         "grain_examples_per_s": round(grain_rate, 1),
         "global_batch": global_batch,
         "rows_per_process": len(rows),
         "loader_threads": int(config.data.loader_threads),
         "prefetch_batches": int(config.data.prefetch_batches),
-        "train_examples": train_split["examples"],
+        "train_examples": train_split.examples,
         "shards": len(paths),
         # ArrayRecord compresses its chunks: a demo record holds 16 KB of arrays, mostly zero-padded text tokens.
-        "shard_bytes_per_record": round(sum(s["bytes"] for s in train_split["shards"]) / train_split["examples"]),
+        "shard_bytes_per_record": round(sum(s.bytes for s in train_split.shards) / train_split.examples),
         "batches_per_round": batches,
         "rounds": rounds,
         "grain_seconds": [round(s, 3) for s in grain_s],

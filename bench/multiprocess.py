@@ -6,8 +6,8 @@
 Both sides run `bench.train_mfu.build_train_step`, i.e. the trainer's own compiled step (train/loop.py), on the same
 global batch and the same (data=2, fsdp=1) mesh of two devices:
   * one process with two devices (`XLA_FLAGS=--xla_force_host_platform_device_count=2`);
-  * two processes with one device each on localhost, joined by `train.main.initialize_distributed`, the function
-    `yagg train --coordinator_address ... --num_processes 2 --process_id I` calls (gloo collectives over TCP, a
+  * two processes with one device each on localhost, joined by `parallel.distributed.initialize_distributed`, the
+    function `yagg train --coordinator_address ... --num_processes 2 --process_id I` calls (gloo collectives over TCP, a
     coordinator port picked free at run time); each process loads only its rows of the batch, as in training.
 All three worker processes are started together and compile, then this process drives them in alternation: one step
 of the single process, then one step of the pair (both processes told at once; the pair's step time is the slower of
@@ -47,9 +47,9 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--process_id", type=int)
     args, overrides = parser.parse_known_args(argv)
 
-    from train.main import initialize_distributed  # noqa: PLC0415  (before anything touches a JAX backend)
+    from parallel.distributed import initialize_distributed  # noqa: PLC0415  (before anything touches a JAX backend)
 
-    initialize_distributed(args)
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     import jax  # noqa: PLC0415
 
     from bench.train_mfu import build_train_step, load, timed  # noqa: PLC0415

@@ -55,7 +55,7 @@ from bench.common import REPO, Metric, parse_args, write_metrics
 from configs import demo
 from model.tiny_clip import make_tiny_clip
 from pipeline import frames, gif, job
-from pipeline.run import preprocess
+from pipeline.run import Settings, preprocess
 from pipeline.shapes import make_shapes
 
 CORPUS = REPO.parent / "shared" / "corpus" / "pillow-gifs"
@@ -131,17 +131,19 @@ def _timed(fn) -> tuple[float, float]:
 def _run_job(manifest: Path, output: Path, clip: Path, data: dict) -> None:
     """One run of the job, with the product's default local runner."""
     info = preprocess(
-        str(manifest),
-        str(output),
-        str(clip),
-        frames=data["frames"],
-        size=data["size"],
-        fps=data["fps"],
-        num_shards=data["num_shards"],
-        overwrite=True,
+        Settings(
+            manifests=(str(manifest),),
+            output=str(output),
+            text_encoder=str(clip),
+            frames=data["frames"],
+            size=data["size"],
+            fps=data["fps"],
+            num_shards=data["num_shards"],
+            overwrite=True,
+        )
     )
     expected = len(manifest.read_text(encoding="utf-8").splitlines())
-    written = info["accounting"]["examples_written"]
+    written = info.accounting.examples_written
     assert written == expected, f"the job wrote {written} of {expected} examples"
 
 

@@ -53,9 +53,10 @@ import ml_collections
 import numpy as np
 
 from bench.common import REPO, Metric, write_metrics
-from model.build import build_schedule, build_unet
+from contracts import records
+from model.build import build_schedule, build_unet, params_initializer
+from parallel import mesh as mesh_lib
 from train import loop
-from train import mesh as mesh_lib
 from train import state as state_lib
 from train.metrics import compiled_flops
 from yagg.config import load_config
@@ -135,13 +136,15 @@ def build_train_step(config: ml_collections.ConfigDict, seed: int = 0) -> TrainS
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = mesh_lib.logical_rules(config.sharding_rules)
     tx, lr_schedule = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-    plan = state_lib.plan_state(loop._params_initializer(model, config), tx, mesh, rules)
+    plan = state_lib.plan_state(params_initializer(model, config), tx, mesh, rules)
     init_key, rng = jax.jit(
         lambda: tuple(jax.random.split(jax.random.PRNGKey(seed))), out_shardings=mesh_lib.replicated(mesh)
     )()
     state = plan.create(init_key)
     start = time.perf_counter()
-    compiled = loop._compile_step(config, model, schedule, tx, lr_schedule, plan, mesh, rules, state, rng)
+    d = config.data
+    features = records.features(d.frames, d.size, d.text_embed_dim, d.text_max_length, d.text_token_dim)
+    compiled = loop._compile_step(config, features, model, schedule, tx, lr_schedule, plan, mesh, rules, state, rng)
     compile_seconds = time.perf_counter() - start
     global_batch = int(config.batch_size)
     rows = mesh_lib.global_batch_rows(mesh, global_batch)

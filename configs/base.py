@@ -111,7 +111,12 @@ def base_config() -> ml_collections.ConfigDict:
         "a dog runs across a field",
         "a car drives down a street at night",
     )
-    sampling.seed = 0  # the same prompts and seed give the same samples from the same parameters
+    sampling.seed = 0  # training's samples: every prompt from this seed, so a step's samples show what training changed
+    # Clips per sampler call per device (inference/generator.py). Every clip is computed in a call of exactly this
+    # many, padded, because XLA's arithmetic for one clip changes in the last bits with the batch size: so a prompt and
+    # seed give the same GIF from `yagg sample`, `yagg eval`, training's samples and the server. More lanes: more
+    # clips per second when several are drawn at once, more wasted work for a single one.
+    sampling.lanes_per_device = 8
 
     # `yagg eval` (eval/job.py): samples and scores for every checkpoint. It samples with the `sampling` section's
     # method, num_steps, guidance_scale and eta.
@@ -121,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
     ev.prompts = "sampling"
     ev.samples_per_prompt = 1
     ev.seed = 0  # sample i (prompt-major) starts from noise seed + i; also seeds the val-loss noise
-    ev.batch_size = 8  # clips per sampler call and val examples per loss call
+    ev.batch_size = 8  # val examples per loss call (sampling goes in calls of sampling.lanes_per_device clips)
     # Any of "val_loss", "video", "probe", "clipsim", "frechet" (eval/evaluators.py).
     ev.evaluators = ("val_loss", "video", "clipsim", "frechet")
     ev.val_batches = 4  # val examples used = val_batches * batch_size (the loss and frechet's reference clips)

@@ -30,20 +30,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from contracts import records, storage
+from contracts.conditioning import model_condition
+from contracts.media import frames_to_model, to_uint8
 from eval.frechet import frechet_distance
 from eval.probe import detect_color, detect_direction, probe_scores
 from eval.video_metrics import video_metrics
-from model.diffusion import Schedule, min_snr_weight, q_sample, training_target
-from pipeline import records
+from model.diffusion import CONDITION_KEYS, Schedule, denoising_loss
+from parallel import mesh as mesh_lib
 from pipeline.shapes import HELDOUT
-from train import mesh as mesh_lib
-from train.samples import to_uint8
-from train.step import frames_to_model
 from yagg.config import ConfigError
 
 EVALUATORS = ("val_loss", "video", "probe", "clipsim", "frechet")
 # What ValLoss reads from each validation record (the train step's inputs).
-VAL_FIELDS = ("frames", "text_pooled", "text_tokens", "text_mask")
+VAL_FIELDS = ("frames", *CONDITION_KEYS)
 
 
 @dataclasses.dataclass
@@ -104,8 +104,9 @@ def bucket_names(num_timesteps: int, num_buckets: int) -> list[tuple[str, int, i
 class ValLoss:
     """The training objective on fixed validation batches, per timestep bucket and overall (`val/loss`).
 
-    The loss is training's (model/diffusion.py::diffusion_loss: MSE to the target of the prediction type, weighted by
-    min-SNR-gamma when training was) without condition dropout: every example keeps its caption. Everything random is
+    The loss is training's (model/diffusion.py::denoising_loss, which the training loss calls: MSE to the target of
+    the prediction type, weighted by min-SNR-gamma when training was) without condition dropout: every example keeps
+    its caption. Everything random is
     fixed: for batch b and bucket k, the timesteps (uniform within the bucket) and the noise come from
     `fold_in(PRNGKey(eval.seed), b * buckets + k)`, so successive checkpoints are scored on identical inputs and
     their differences are the model's alone. `val/loss` is the mean over buckets: an estimate of the loss at a uniform
@@ -141,15 +142,17 @@ class ValLoss:
             x0 = frames_to_model(batch["frames"])
             t = jax.random.randint(t_key, (x0.shape[0],), lo, hi + 1)
             noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-            condition = {
-                "text_pooled": batch["text_pooled"].astype(jnp.float32),
-                "text_tokens": batch["text_tokens"].astype(jnp.float32),
-                "text_mask": batch["text_mask"],
-            }
-            out = model.apply({"params": params}, q_sample(schedule, x0, noise, t), t, **condition, train=False)
-            target = training_target(schedule, x0, noise, t)
-            loss = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))
-            return loss if min_snr_gamma is None else loss * min_snr_weight(schedule, t, min_snr_gamma)
+            return denoising_loss(
+                model.apply,
+                params,
+                schedule,
+                x0,
+                model_condition(batch),
+                t,
+                noise,
+                train=False,
+                min_snr_gamma=min_snr_gamma,
+            )
 
         replicated = mesh_lib.replicated(mesh)
         self._losses = jax.jit(
@@ -218,16 +221,15 @@ class ClipModel:
     def __init__(self, name: str) -> None:
         from model.clip import TextEncoder, VisionEncoder
 
-        if "://" in name:
-            raise ConfigError(
-                f"eval.clip={name!r}: the eval job loads CLIP from a Hugging Face name or a local folder; copy the "
-                "folder to this machine and set --config.eval.clip=FOLDER"
-            )
         try:
-            self.text = TextEncoder.from_pretrained(name)
-            self.vision = VisionEncoder.from_pretrained(name)
+            local = storage.local_copy(name)  # a gs:// folder is copied once to a local cache, as the pipeline does
+            self.text = TextEncoder.from_pretrained(local)
+            self.vision = VisionEncoder.from_pretrained(local)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"eval.clip={name!r}: cannot load this CLIP ({e})") from e
+            raise ConfigError(
+                f"cannot load the CLIP {name!r} for clipsim and frechet ({e}); it is eval.clip if set, else the "
+                "dataset's text encoder: pass --config.eval.clip=NAME_OR_FOLDER"
+            ) from e
         self.name = name
 
     def text_embeddings(self, prompts: Sequence[str]) -> np.ndarray:

@@ -15,6 +15,8 @@ import json
 import math
 from pathlib import Path
 
+from contracts.scores import read_rows
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; background: #fafafa; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
@@ -74,18 +76,10 @@ def _sample_card(step: int, sample: dict) -> str:
     )
 
 
-def read_metrics(eval_dir: str | Path) -> list[dict]:
-    path = Path(eval_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def write_gallery(eval_dir: str | Path, title: str = "yagg evaluation") -> Path:
     """Rebuilds `eval_dir/index.html` from metrics.jsonl and the per-step samples.json files; returns its path."""
     eval_dir = Path(eval_dir)
-    rows = sorted(read_metrics(eval_dir), key=lambda r: r["step"])
+    rows = sorted(read_rows(str(eval_dir)), key=lambda r: r["step"])
     names = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, int | float)})
     curves = "".join(_curve_svg(n, [(r["step"], r[n]) for r in rows if n in r]) for n in names)
     sections = []

@@ -15,12 +15,14 @@ set (`config.eval.prompts`, sample i from seed `eval.seed + i`) -> run the evalu
 Only process 0 writes files. A step's files are written before the step enters evaluated.json, so a crash at worst
 redoes one step (its metrics.jsonl row is replaced, never duplicated).
 
-Checkpoints are read only once finished (eval/sample.py::CheckpointReader: never a temporary folder). Training's
-retention may delete a checkpoint while it is being read: that step is skipped with a warning. With `follow`, the job
-polls every `eval.poll_seconds` and stops once training has finished: the newest checkpoint's step is the
-`num_train_steps` of the config stored in it (the trainer always saves its last step; a preempted run stops earlier
-and is resumed later, so eval keeps waiting) and every checkpoint up to it has been seen. `eval.follow_timeout_s`
-bounds the wait for a trainer that died.
+Clips come from the inference core (inference/generator.py) with the config's sampling settings, so
+`yagg sample PROMPT --seed S` on the same checkpoint writes the same GIF as the eval job's sample of PROMPT with seed
+S. Checkpoints are read only once finished (contracts/checkpoint.py::CheckpointReader: never a temporary folder).
+Training's retention may delete a checkpoint while it is being read: that step is skipped with a warning. With
+`follow`, the job polls every `eval.poll_seconds` and stops once training has finished: the newest checkpoint's step
+is the `num_train_steps` of the config stored in it (the trainer always saves its last step; a preempted run stops
+earlier and is resumed later, so eval keeps waiting) and every checkpoint up to it has been seen.
+`eval.follow_timeout_s` bounds the wait for a trainer that died.
 """
 
 from __future__ import annotations
@@ -39,30 +41,21 @@ import numpy as np
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
+from contracts import media, scores
+from contracts.checkpoint import CheckpointDeletedError, CheckpointReader, check_config_matches
+from contracts.conditioning import load_conditioner
+from contracts.dataset import DataFacts, read_dataset_info, shard_paths
 from eval import evaluators as evaluators_lib
 from eval.gallery import write_gallery
-from eval.sample import (
-    CheckpointDeletedError,
-    CheckpointReader,
-    Sampler,
-    abstract_params,
-    build_model,
-    check_config_matches,
-    data_facts,
-    encode_prompts,
-    load_text_encoder,
-)
+from inference.generator import GenerateError, Generator, placement
+from parallel import mesh as mesh_lib
 from pipeline.shapes import COLORS, DIRECTIONS, SHAPES, caption_for
-from train import mesh as mesh_lib
-from train.input import check_config_fits, read_dataset_info, shard_paths
-from train.samples import prompt_slug, to_uint8, write_gif
 from yagg.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-EVAL_DIR = "eval"
+EVAL_DIR = scores.EVAL_DIR
 LEDGER_FILE = "evaluated.json"
-METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.json"
 PROMPT_SETS = ("sampling", "shapes")
 
@@ -124,18 +117,8 @@ def read_evaluated(eval_dir: Path) -> set[int]:
     return set(json.loads(path.read_text(encoding="utf-8"))["steps"]) if path.is_file() else set()
 
 
-def _replace_metrics_row(eval_dir: Path, row: dict[str, Any]) -> None:
-    """Appends `row`, dropping any earlier row of the same step (a step redone after a crash or with --step)."""
-    path = eval_dir / METRICS_FILE
-    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] != row["step"]]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in [*kept, json.dumps(row)]), encoding="utf-8")
-    tmp.replace(path)
-
-
 def _file_name(index: int, prompt: str) -> str:
-    return f"{index:03d}-{prompt_slug(prompt)}.gif"
+    return f"{index:03d}-{media.prompt_slug(prompt)}.gif"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -174,38 +157,29 @@ class _Job:
         self.reader = reader
         self.prompts = prompt_set(config)
 
-        info = read_dataset_info(config.data.path)
-        check_config_fits(info, config.data)
-        self.model, schedule = build_model(config)
-        self.mesh = mesh_lib.make_mesh(config.mesh)
-        rules = mesh_lib.logical_rules(config.sharding_rules)
-        self.abstract, shardings = abstract_params(self.model, config, self.mesh, rules)
-
-        facts = data_facts(config)
-        self.fps = facts.fps
-        self.condition = encode_prompts(load_text_encoder(facts.text_encoder), self.prompts.prompts, config.data)
-        s, e = config.sampling, config.eval
-        self.sampler = Sampler(
-            self.model,
-            schedule,
-            frames=int(config.data.frames),
-            size=int(config.data.size),
-            method=s.method,
-            num_steps=int(s.num_steps),
-            guidance_scale=float(s.guidance_scale),
-            eta=float(s.eta),
-            batch_size=int(e.batch_size),
+        data_path = str(config.data.path)
+        info = read_dataset_info(data_path)
+        info.check_fits(config.data)
+        self.mesh, self.abstract, shardings = placement(config, mesh_lib.make_mesh(config.mesh))
+        facts = DataFacts.of_dataset(data_path, info)
+        self.generator = Generator(
+            config=config,
+            facts=facts,
+            conditioner=_conditioner(facts.text_encoder.name),
+            params=None,
+            step=0,
             mesh=self.mesh,
             param_shardings=shardings,
         )
+        e = config.eval
         self.evaluators = evaluators_lib.build_evaluators(
             config,
-            model=self.model,
-            schedule=schedule,
+            model=self.generator.model,
+            schedule=self.generator.schedule,
             mesh=self.mesh,
             param_shardings=shardings,
-            val_paths=shard_paths(config.data.path, info, "val"),
-            clip_name=e.clip or facts.text_encoder,
+            val_paths=shard_paths(data_path, info, "val"),
+            clip_name=e.clip or facts.text_encoder.name,
             shapes_prompts=self.prompts.targets is not None,
             num_samples=len(self.prompts.prompts),
         )
@@ -236,40 +210,40 @@ class _Job:
         self._final_steps[step] = int(trained.num_train_steps)
 
         p = self.prompts
-        clips = self.sampler(params, self.condition, p.seeds)
+        clips = self.generator.with_params(params, step).generate(p.prompts, p.seeds)
         ctx = evaluators_lib.EvalContext(
-            step=step, params=params, prompts=p.prompts, seeds=p.seeds, clips=clips, targets=p.targets
+            step=step, params=params, prompts=p.prompts, seeds=p.seeds, clips=clips.raw, targets=p.targets
         )
-        scores: dict[str, float | str] = {}
+        step_scores: dict[str, float | str] = {}
         per_sample: list[dict[str, float]] = [{} for _ in p.prompts]
         for evaluator in self.evaluators:
-            scores.update(evaluator.run(ctx))
+            step_scores.update(evaluator.run(ctx))
             for name, values in evaluator.per_sample(ctx).items():
                 for row, value in zip(per_sample, values, strict=True):
                     row[name] = value
         self.evaluated.add(step)  # on every process: they all decide what is left to do the same way
         if self.is_writer:
-            self._write(step, to_uint8(clips), scores, per_sample)
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if isinstance(v, float))
+            self._write(step, clips, step_scores, per_sample)
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in step_scores.items() if isinstance(v, float))
         log.info("step %d evaluated in %.1f s: %s", step, time.perf_counter() - started, summary)
         return True
 
     def _write(
-        self, step: int, pixels: np.ndarray, scores: dict[str, float | str], per_sample: list[dict[str, float]]
+        self, step: int, clips: Any, step_scores: dict[str, float | str], per_sample: list[dict[str, float]]
     ) -> None:
         folder = self.eval_dir / str(step)
         folder.mkdir(parents=True, exist_ok=True)
         p = self.prompts
         samples = []
-        for i, (clip, prompt, seed, sample_scores) in enumerate(
-            zip(pixels, p.prompts, p.seeds, per_sample, strict=True)
+        for i, (pixels, prompt, seed, sample_scores) in enumerate(
+            zip(clips.pixels, p.prompts, p.seeds, per_sample, strict=True)
         ):
             name = _file_name(i, prompt)
-            write_gif(folder / name, clip, self.fps)
+            media.write_gif(folder / name, pixels, clips.fps)
             samples.append({"file": name, "prompt": prompt, "seed": seed, "scores": sample_scores})
         _write_json(folder / SAMPLES_FILE, samples)
-        _replace_metrics_row(self.eval_dir, {"step": step, **scores})
-        self.writer.write_scalars(step, {k: v for k, v in scores.items() if isinstance(v, float)})
+        scores.replace_row(str(self.eval_dir), {"step": step, **step_scores})
+        self.writer.write_scalars(step, {k: v for k, v in step_scores.items() if isinstance(v, float)})
         self.writer.flush()
         _write_json(self.eval_dir / LEDGER_FILE, {"steps": sorted(self.evaluated)})
         write_gallery(self.eval_dir, title=f"yagg evaluation of {self.workdir}")
@@ -293,7 +267,7 @@ def evaluate(
     """Evaluates the finished checkpoints of `workdir` not evaluated yet (or only `step`, again if need be); with
     `follow`, keeps waiting for new ones until training has finished (module docstring). Returns the steps evaluated.
 
-    Raises EvalError, SampleError or ConfigError (yagg.config) for problems the user can fix.
+    Raises EvalError, GenerateError, ReadError, DataError or ConfigError for problems the user can fix.
     """
     if follow and step is not None:
         raise EvalError("--follow and --step exclude each other: follow a run, or evaluate one step of it")
@@ -344,3 +318,10 @@ def _evaluate_all(job: _Job, follow: bool) -> list[int]:
             log.warning("no new checkpoint for %.0f s: stopping (eval.follow_timeout_s)", float(e.follow_timeout_s))
             return done
         time.sleep(float(e.poll_seconds))
+
+
+def _conditioner(name: str) -> Any:
+    try:
+        return load_conditioner(name)
+    except (OSError, ValueError) as e:
+        raise GenerateError(f"cannot load the dataset's text encoder {name!r}: {e}") from e

@@ -1,7 +1,7 @@
-"""`yagg eval` and `yagg sample`: flag parsing around `eval.job.evaluate` and `eval.sample.sample_to_gifs`.
+"""`yagg eval`: flag parsing around `eval.job.evaluate`.
 
-Exit status: 0 on success, 2 for a usage error (a bad flag, config, checkpoint, prompt or dataset), with a message
-that says what to change. Heavy imports (JAX, Orbax) happen after parsing, so `--help` answers at once.
+Exit status: 0 on success, 2 for a usage error (a bad flag, config, checkpoint or dataset), with a message that says
+what to change. Heavy imports (JAX, Orbax) happen after parsing, so `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-SAMPLE_EPILOG = """\
-Output names: with one prompt and --num 1 the GIF is OUT itself; otherwise OUT-PPP-NN.gif beside it, PPP the prompt's
-index and NN the sample's (both from 0), e.g. out-000-00.gif, out-000-01.gif, out-001-00.gif. Sample n of every prompt
-starts from the noise of seed SEED + n. The command prints each file with its prompt and seed."""
+from parallel.distributed import add_flags
 
 
-def build_eval_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="yagg eval",
         description="Sample and score every finished checkpoint of a training run, once each: GIFs, samples.json, "
@@ -34,45 +31,13 @@ def build_eval_parser() -> argparse.ArgumentParser:
         help="keep waiting for new checkpoints until training has finished (its last step is evaluated)",
     )
     parser.add_argument("--step", type=int, help="evaluate only this checkpoint (again, if it was evaluated before)")
-    parser.add_argument("--coordinator_address", help="HOST:PORT of process 0, for a job of several processes")
-    parser.add_argument("--num_processes", type=int, help="number of processes in the job (with --coordinator_address)")
-    parser.add_argument("--process_id", type=int, help="this process's index, 0..N-1 (with --coordinator_address)")
+    add_flags(parser)
     return parser
 
 
-def build_sample_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="yagg sample",
-        description="Generate GIFs for text prompts from a training checkpoint (its EMA parameters by default).",
-        epilog=SAMPLE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help='e.g. "a red circle moving left"')
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", help="a training run's folder: its newest finished checkpoint is used")
-    source.add_argument("--checkpoint", help="one checkpoint folder, WORKDIR/checkpoints/STEP")
-    parser.add_argument("--out", required=True, help="output .gif (see below for several prompts or --num > 1)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the run's sampling.num_steps)")
-    parser.add_argument(
-        "--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: sampling.guidance_scale)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="noise seed of the first sample of each prompt (0)")
-    parser.add_argument("--method", choices=("ddim", "ddpm"), help="sampler (default: the run's sampling.method)")
-    parser.add_argument("--num", type=int, default=1, help="samples per prompt (1)")
-    parser.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling factor for viewing (1)")
-    parser.add_argument("--raw-params", action="store_true", help="the trained parameters instead of their EMA")
-    parser.add_argument(
-        "--text-encoder",
-        help="the CLIP that embedded the training data (default: the one dataset_info.json names; needed only when "
-        "the dataset folder is not on this machine and the config's data.text_encoder is not that CLIP)",
-    )
-    return parser
-
-
-def main_eval(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str]) -> int:
     """`yagg eval ARGS`; returns the exit status."""
-    args, rest = build_eval_parser().parse_known_args(list(argv))
+    args, rest = build_parser().parse_known_args(list(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it opens at INFO
     strays = [a for a in rest if not a.startswith("--config.")]
@@ -83,18 +48,19 @@ def main_eval(argv: Sequence[str]) -> int:
         )
         return 2
 
+    from contracts.checkpoint import ReadError
+    from contracts.dataset import DataError
     from eval.job import EvalError, evaluate
-    from eval.sample import SampleError
-    from train.input import DataError
-    from train.main import initialize_distributed
-    from train.mesh import MeshError
+    from inference.generator import GenerateError
+    from parallel.distributed import initialize_distributed
+    from parallel.mesh import MeshError
     from yagg.config import ConfigError, load_config
 
     try:
-        initialize_distributed(args)
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         config = load_config(args.config, rest)
         steps = evaluate(config, args.workdir, follow=args.follow, step=args.step)
-    except (ConfigError, DataError, MeshError, SampleError, EvalError) as e:
+    except (ConfigError, DataError, MeshError, ReadError, GenerateError, EvalError) as e:
         print(f"yagg eval: error: {e}", file=sys.stderr)
         return 2
     print(f"evaluated {len(steps)} checkpoint(s) {steps}; gallery: {args.workdir}/eval/index.html")
@@ -116,38 +82,11 @@ SUMMARY_METRICS = (
 
 def latest_summary(eval_dir: Path) -> str:
     """One line with the newest evaluated step's headline scores (empty before any evaluation)."""
-    from eval.gallery import read_metrics
+    from contracts.scores import read_rows
 
-    rows = read_metrics(eval_dir)
+    rows = read_rows(str(eval_dir))
     if not rows:
         return ""
     row = max(rows, key=lambda r: r["step"])
-    scores = "  ".join(f"{name} {row[name]:.3f}" for name in SUMMARY_METRICS if name in row)
-    return f"step {row['step']}: {scores}"
-
-
-def main_sample(argv: Sequence[str]) -> int:
-    """`yagg sample ARGS`; returns the exit status."""
-    args = build_sample_parser().parse_args(list(argv))
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    from eval.sample import SampleError, SampleOptions, sample_to_gifs
-
-    options = SampleOptions(
-        num_steps=args.steps,
-        guidance_scale=args.guidance,
-        method=args.method,
-        seed=args.seed,
-        num=args.num,
-        scale=args.scale,
-        raw_params=args.raw_params,
-        text_encoder=args.text_encoder,
-    )
-    try:
-        written = sample_to_gifs(args.prompts, args.out, options, workdir=args.workdir, checkpoint=args.checkpoint)
-    except SampleError as e:
-        print(f"yagg sample: error: {e}", file=sys.stderr)
-        return 2
-    for record in written:
-        print(f"{record['file']}\tstep {record['step']}\tseed {record['seed']}\t{record['prompt']}")
-    return 0
+    line = "  ".join(f"{name} {row[name]:.3f}" for name in SUMMARY_METRICS if name in row)
+    return f"step {row['step']}: {line}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from train.samples import to_uint8
+from contracts.media import to_uint8
 
 STATIC_THRESHOLD = 8 / 255  # largest per-pixel change (0-1 scale) for a clip to count as static
 

@@ -6,6 +6,10 @@ through here, so a config mistake is reported once, in config terms.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -72,3 +76,16 @@ def example_inputs(config: ml_collections.ConfigDict, batch_size: int) -> dict[s
         "text_tokens": jax.ShapeDtypeStruct((batch_size, d.text_max_length, d.text_token_dim), jnp.float32),
         "text_mask": jax.ShapeDtypeStruct((batch_size, d.text_max_length), jnp.bool_),
     }
+
+
+def params_initializer(model: nn.Module, config: ml_collections.ConfigDict) -> Callable[[jax.Array], Any]:
+    """init(key) -> the model's parameters with their logical axis names (boxed), traced on one example of the
+    configured shapes. Training initialises from it; readers use it under `jax.eval_shape`, for shapes only."""
+    inputs = example_inputs(config, batch_size=1)
+
+    def init(key: jax.Array) -> Any:
+        params_key, dropout_key = jax.random.split(key)
+        zeros = {name: jnp.zeros(spec.shape, spec.dtype) for name, spec in inputs.items()}
+        return model.init({"params": params_key, "dropout": dropout_key}, **zeros, train=False)["params"]
+
+    return init

@@ -25,7 +25,7 @@ from flax import struct
 
 SCHEDULES = ("linear", "cosine")
 PREDICTION_TYPES = ("eps", "v", "x0")
-# The keys of a text condition, as named in the records and batches (pipeline/records.py).
+# The keys of a text condition, as named in the records and batches (contracts/records.py).
 CONDITION_KEYS = ("text_pooled", "text_tokens", "text_mask")
 
 
@@ -170,6 +170,31 @@ def drop_condition(condition: Mapping[str, jax.Array], rng: jax.Array, prob: flo
     }
 
 
+def denoising_loss(
+    apply_fn: Callable[..., jax.Array],
+    params: Any,
+    schedule: Schedule,
+    x0: jax.Array,
+    condition: Mapping[str, jax.Array],
+    t: jax.Array,
+    noise: jax.Array,
+    *,
+    train: bool,
+    min_snr_gamma: float | None = None,
+    rngs: Mapping[str, jax.Array] | None = None,
+) -> jax.Array:
+    """The per-example loss `[B]` of denoising x_t = q_sample(x0, noise, t): the MSE between the model output and
+    `training_target` (Ho et al. 2020, Eq. 14, for eps; the same form for x0 and v), optionally weighted by
+    `min_snr_weight`. Training (`diffusion_loss`) and the validation loss (eval) both compute it here."""
+    x_t = q_sample(schedule, x0, noise, t)
+    output = apply_fn({"params": params}, x_t, t, **condition, train=train, rngs=rngs)
+    target = training_target(schedule, x0, noise, t)
+    per_example = jnp.mean(jnp.square(output.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))
+    if min_snr_gamma is not None:
+        per_example = per_example * min_snr_weight(schedule, t, min_snr_gamma)
+    return per_example
+
+
 def diffusion_loss(
     apply_fn: Callable[..., jax.Array],
     params: Any,
@@ -182,25 +207,21 @@ def diffusion_loss(
     min_snr_gamma: float | None = None,
     rngs: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The denoising loss on one batch: (mean loss, aux with "per_example_loss" `[B]` and "t" `[B]`).
+    """The training loss on one batch: (mean loss, aux with "per_example_loss" `[B]` and "t" `[B]`).
 
     `apply_fn` is the U-Net's flax `apply`, called as `apply_fn({"params": params}, x_t, t, text_pooled=...,
     text_tokens=..., text_mask=..., train=True, rngs=rngs)` (`rngs` carries the dropout key). `x0` is the clean batch
-    in [-1, 1]; `condition` holds "text_pooled", "text_tokens" and "text_mask". Timesteps are uniform over [0, T);
-    the loss is the MSE between the model output and `training_target` (Ho et al. 2020, Eq. 14, for eps; the same
-    form for x0 and v), optionally weighted per example by `min_snr_weight`. Each example's condition is replaced by
-    `null_condition` with probability `cond_drop_prob`, which trains the unconditional model that classifier-free
-    guidance needs (Ho & Salimans 2022, Algorithm 1).
+    in [-1, 1]; `condition` holds "text_pooled", "text_tokens" and "text_mask". Timesteps are uniform over [0, T)
+    and the loss is `denoising_loss`. Each example's condition is replaced by `null_condition` with probability
+    `cond_drop_prob`, which trains the unconditional model that classifier-free guidance needs (Ho & Salimans 2022,
+    Algorithm 1).
     """
     t_key, noise_key, drop_key = jax.random.split(rng, 3)
     batch = x0.shape[0]
     t = jax.random.randint(t_key, (batch,), 0, schedule.num_timesteps)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-    x_t = q_sample(schedule, x0, noise, t)
     condition = drop_condition(condition, drop_key, cond_drop_prob)
-    output = apply_fn({"params": params}, x_t, t, **condition, train=True, rngs=rngs)
-    target = training_target(schedule, x0, noise, t)
-    per_example = jnp.mean(jnp.square(output.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))
-    if min_snr_gamma is not None:
-        per_example = per_example * min_snr_weight(schedule, t, min_snr_gamma)
+    per_example = denoising_loss(
+        apply_fn, params, schedule, x0, condition, t, noise, train=True, min_snr_gamma=min_snr_gamma, rngs=rngs
+    )
     return jnp.mean(per_example), {"per_example_loss": per_example, "t": t}

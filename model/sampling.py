@@ -66,30 +66,68 @@ def sample(
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     timesteps = sampling_timesteps(schedule.num_timesteps, num_steps)
-    previous = np.append(timesteps[1:], -1)
-    init_key, noise_key = jax.random.split(rng)
-    batch = shape[0]
+    previous = previous_timesteps(timesteps)
+    init_key, noise_key = split_key(rng)
 
     def step(i: jax.Array, x: jax.Array) -> jax.Array:
         t, t_prev = jnp.asarray(timesteps)[i], jnp.asarray(previous)[i]
-        last = t_prev < 0  # the final step, to x0, where alpha-bar is 1
-        prev_index = jnp.maximum(t_prev, 0)
-        # (a, s) = (sqrt(alpha-bar), sqrt(1 - alpha-bar)) now and at the previous timestep.
-        a_t, s_t = schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]
-        a_prev = jnp.where(last, 1.0, schedule.sqrt_alphas_cumprod[prev_index])
-        s_prev = jnp.where(last, 0.0, schedule.sqrt_one_minus_alphas_cumprod[prev_index])
-        t_batch = jnp.full((batch,), t, jnp.int32)
-        x0, eps = predict_x0_and_eps(schedule, predict_fn(x, t_batch).astype(jnp.float32), x, t_batch)
-        if clip_x0 is not None:
-            x0 = jnp.clip(x0, -clip_x0, clip_x0)
-            eps = (x - a_t * x0) / s_t
-        z = jax.random.normal(jax.random.fold_in(noise_key, i), shape, jnp.float32)
-        if method == "ddim":
-            return _ddim_update(x0, eps, z, a_t, s_t, a_prev, s_prev, eta)
-        return _posterior_update(x, x0, z, a_t, s_t, a_prev, s_prev)
+        return denoise_step(
+            predict_fn, x, i, t, t_prev, noise_key, schedule=schedule, method=method, eta=eta, clip_x0=clip_x0
+        )
 
-    x_init = jax.random.normal(init_key, shape, jnp.float32)
-    return lax.fori_loop(0, num_steps, step, x_init)
+    return lax.fori_loop(0, num_steps, step, initial_noise(init_key, shape))
+
+
+def previous_timesteps(timesteps: np.ndarray) -> np.ndarray:
+    """The timestep each step moves to: the next one visited, and -1 ("x0") after the last."""
+    return np.append(timesteps[1:], -1).astype(np.int32)
+
+
+def split_key(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A sample's key -> (the key of its starting noise, the key its steps' noise is folded from)."""
+    init_key, noise_key = jax.random.split(rng)
+    return init_key, noise_key
+
+
+def initial_noise(init_key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """x_T: the pure noise a sample starts from."""
+    return jax.random.normal(init_key, shape, jnp.float32)
+
+
+def denoise_step(
+    predict_fn: PredictFn,
+    x: jax.Array,
+    i: jax.Array,
+    t: jax.Array,
+    t_prev: jax.Array,
+    noise_key: jax.Array,
+    *,
+    schedule: Schedule,
+    method: str,
+    eta: float | jax.Array = 0.0,
+    clip_x0: float | None = None,
+) -> jax.Array:
+    """Step `i` of a sampler (see `sample`): from x at timestep `t` to timestep `t_prev` (-1 on the last step).
+
+    `i`, `t` and `t_prev` may be traced scalars, so one compiled step serves every step of every step count; so may
+    `eta`. The step's noise is `fold_in(noise_key, i)`.
+    """
+    batch = x.shape[0]
+    last = t_prev < 0  # the final step, to x0, where alpha-bar is 1
+    prev_index = jnp.maximum(t_prev, 0)
+    # (a, s) = (sqrt(alpha-bar), sqrt(1 - alpha-bar)) now and at the previous timestep.
+    a_t, s_t = schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]
+    a_prev = jnp.where(last, 1.0, schedule.sqrt_alphas_cumprod[prev_index])
+    s_prev = jnp.where(last, 0.0, schedule.sqrt_one_minus_alphas_cumprod[prev_index])
+    t_batch = jnp.full((batch,), t, jnp.int32)
+    x0, eps = predict_x0_and_eps(schedule, predict_fn(x, t_batch).astype(jnp.float32), x, t_batch)
+    if clip_x0 is not None:
+        x0 = jnp.clip(x0, -clip_x0, clip_x0)
+        eps = (x - a_t * x0) / s_t
+    z = jax.random.normal(jax.random.fold_in(noise_key, i), x.shape, jnp.float32)
+    if method == "ddim":
+        return _ddim_update(x0, eps, z, a_t, s_t, a_prev, s_prev, eta)
+    return _posterior_update(x, x0, z, a_t, s_t, a_prev, s_prev)
 
 
 def _ddim_update(
@@ -100,7 +138,7 @@ def _ddim_update(
     s_t: jax.Array,
     a_prev: jax.Array,
     s_prev: jax.Array,
-    eta: float,
+    eta: float | jax.Array,
 ) -> jax.Array:
     """Song et al. 2021, Eq. 12 with sigma from Eq. 16; a = sqrt(alpha-bar), s = sqrt(1 - alpha-bar)."""
     sigma = eta * (s_prev / s_t) * jnp.sqrt(1.0 - (a_t / a_prev) ** 2)
@@ -131,14 +169,16 @@ def guided_predict_fn(
     apply_fn: Callable[..., jax.Array],
     params: Any,
     condition: Mapping[str, jax.Array],
-    guidance_scale: float,
+    guidance_scale: float | jax.Array,
     null: Mapping[str, jax.Array] | None = None,
 ) -> PredictFn:
     """A `predict_fn` with classifier-free guidance: uncond + guidance_scale * (cond - uncond).
 
     `apply_fn` is the U-Net's flax `apply`, called as `apply_fn({"params": params}, x, t, text_pooled=...,
     text_tokens=..., text_mask=..., train=False)`. `condition` holds "text_pooled", "text_tokens" and "text_mask" for
-    the batch being sampled; `null` defaults to `null_condition(condition)`, the condition training dropped to.
+    the batch being sampled; `null` defaults to `null_condition(condition)`, the condition training dropped to. A
+    negative prompt's condition passed as `null` steers away from that prompt instead of from "no text" (the
+    negative prompts of Stable Diffusion front ends).
     Conditional and unconditional outputs come from ONE forward pass over the batch concatenated with itself.
     The scale is 1 + w in Ho & Salimans 2022, Eq. 6 (scale 1: no guidance). The combination is taken in the
     model's prediction space; as an affine combination with weights summing to one, it is the same as combining the

@@ -38,7 +38,9 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
-from pipeline import records, shards
+from contracts import records
+from contracts.dataset import SPLITS, Accounting, DatasetInfo, Shard, Split, TextEncoderInfo
+from pipeline import shards
 from pipeline.batch import Batch
 from pipeline.clip_frames import ClipError, ClipSpec
 from pipeline.embed import EmbedCaptions, Pending
@@ -63,8 +65,7 @@ class JobSettings:
     manifests: tuple[str, ...]
     output: str
     run_id: str  # names the staging folder
-    text_encoder: str
-    text_info: dict[str, Any]  # name, max_length, pooled_dim, token_dim (for dataset_info.json)
+    text_encoder: TextEncoderInfo  # the CLIP, as named by the user, and its shapes
     clip: ClipSpec
     val_fraction: float
     num_shards: int | None  # shards per split; or
@@ -332,52 +333,46 @@ def _finalize(
     lines_read: int,
     duplicates: int,
     dead_counts: list[tuple[tuple[str, str], int]],
-) -> dict[str, Any]:
+) -> DatasetInfo:
     files = sorted(files, key=lambda f: (f.group, f.index))
     by_reason: Counter[str] = Counter()
     by_stage: Counter[str] = Counter()
     for (stage, reason), n in dead_counts:
         by_reason[reason] += n
         by_stage[stage] += n
-    written = sum(f.records for f in files if f.group in shards.SPLITS)
+    written = sum(f.records for f in files if f.group in SPLITS)
     dead = sum(by_reason.values())
     assert lines_read == written + dead + duplicates, (
         f"accounting: {lines_read} lines read != {written} written + {dead} dead-lettered + {duplicates} duplicates"
     )
-    clip, text = settings.clip, settings.text_info
-    info = {
-        "schema_version": records.SCHEMA_VERSION,
-        "features": records.features(
-            clip.num_frames, clip.size, text["pooled_dim"], text["max_length"], text["token_dim"]
+    clip = settings.clip
+    info = DatasetInfo(
+        schema_version=records.SCHEMA_VERSION,
+        frames=clip.num_frames,
+        size=clip.size,
+        fps=clip.fps,
+        keep_stills=clip.keep_stills,
+        text_encoder=settings.text_encoder,
+        val_fraction=settings.val_fraction,
+        writer_options=shards.WRITER_OPTIONS,
+        manifests=tuple(settings.manifests),
+        splits={
+            split: Split(
+                examples=sum(f.records for f in files if f.group == split),
+                shards=tuple(Shard(file=f.name, examples=f.records, bytes=f.bytes) for f in files if f.group == split),
+            )
+            for split in SPLITS
+        },
+        dead_letter_files=tuple(f.name for f in files if f.group == shards.DEAD_LETTER),
+        accounting=Accounting(
+            lines_read=lines_read,
+            examples_written=written,
+            dead_lettered=dead,
+            duplicates_removed=duplicates,
+            dead_lettered_by_reason=dict(sorted(by_reason.items())),
+            dead_lettered_by_stage=dict(sorted(by_stage.items())),
         ),
-        "frames": clip.num_frames,
-        "size": clip.size,
-        "fps": clip.fps,
-        "frame_sampling": "time-uniform" if clip.fps is None else "fixed fps",
-        "keep_stills": clip.keep_stills,
-        "text_encoder": text,
-        "val_fraction": settings.val_fraction,
-        "writer_options": shards.WRITER_OPTIONS,
-        "manifests": list(settings.manifests),
-        "splits": {
-            split: {
-                "examples": sum(f.records for f in files if f.group == split),
-                "shards": [
-                    {"file": f.name, "examples": f.records, "bytes": f.bytes} for f in files if f.group == split
-                ],
-            }
-            for split in shards.SPLITS
-        },
-        "dead_letter_files": [f.name for f in files if f.group == shards.DEAD_LETTER],
-        "accounting": {
-            "lines_read": lines_read,
-            "examples_written": written,
-            "dead_lettered": dead,
-            "duplicates_removed": duplicates,
-            "dead_lettered_by_reason": dict(sorted(by_reason.items())),
-            "dead_lettered_by_stage": dict(sorted(by_stage.items())),
-        },
-    }
+    )
     shards.commit(settings.output, shards.staging_dir(settings.output, settings.run_id), files, info)
     return info
 
@@ -403,7 +398,7 @@ def build(p: beam.Pipeline, settings: JobSettings) -> None:
         .with_output_types(Batch)
         .with_outputs(_DEAD, main="pending")
     )
-    embedded = decoded.pending | "Embed" >> beam.ParDo(EmbedCaptions(settings.text_encoder)).with_output_types(
+    embedded = decoded.pending | "Embed" >> beam.ParDo(EmbedCaptions(settings.text_encoder.name)).with_output_types(
         Batch
     ).with_outputs(_DEAD, main="examples")
     dead = (

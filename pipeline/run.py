@@ -16,13 +16,15 @@ set, with the same decoding children) and `multi_processing` also loads JAX and 
 Pass `--direct_running_mode=multi_threading` or `multi_processing` to choose them anyway (`--direct_num_workers`
 then defaults to the number of cores); all modes write the same bytes.
 
-`main` parses flags and calls `preprocess`, which tests and other code call directly. The graph is in pipeline/job.py,
-the output folder's layout and commit protocol in pipeline/shards.py.
+Every setting is declared once, as a field of `Settings` with its default, its flag and its help; the command line
+parser is built from those fields. `main` parses flags and calls `preprocess`, which tests and other code call
+directly. The graph is in pipeline/job.py, the output folder's layout and commit protocol in pipeline/shards.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -30,8 +32,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-# Defaults of the flags a config's data section can also set (fps: None, time-uniform, is handled apart).
-DEFAULTS = {"frames": 16, "size": 64, "val_fraction": 0.05, "keep_stills": False}
+from contracts.dataset import DatasetInfo
+
 DEFAULT_TARGET_SHARD_MB = 256.0
 # Runners that execute in this machine's processes, where local paths are visible to every worker.
 _LOCAL_RUNNERS = {"directrunner", "direct", "fnapirunner", "bundlebaseddirectrunner", "prismrunner", "prism"}
@@ -41,6 +43,109 @@ class UsageError(ValueError):
     """An argument the job cannot use (a bad value, a missing file, a non-empty output): nothing was run."""
 
 
+def _setting(default: Any, help: str, *, config: str | None = None, **flag: Any) -> Any:
+    """A Settings field: its default, its --help text, the config `data` field that can also set it, and any
+    argparse keywords its flag needs."""
+    return dataclasses.field(default=default, metadata={"help": help, "config": config, "flag": flag})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything `yagg preprocess` can be told. Flags win over the config's data section, which wins over these
+    defaults."""
+
+    manifests: tuple[str, ...] = _setting(
+        (),
+        "manifest file or glob, local or gs://...; repeat for several. Relative GIF paths resolve against the "
+        "manifest's folder",
+        name="--manifest",
+        metavar="PATH",
+        action="append",
+        required=True,
+    )
+    output: str = _setting("", "output folder, local or gs://... (default: the config's data.path)", config="path")
+    text_encoder: str = _setting(
+        "",
+        "CLIP for the text embeddings: a Hugging Face hub name, a local folder, or a gs://... folder (default: the "
+        "config's data.text_encoder)",
+        config="text_encoder",
+    )
+    frames: int = _setting(16, "frames per clip (default 16)", config="frames", type=int)
+    size: int = _setting(64, "side of the square frames in pixels (default 64)", config="size", type=int)
+    fps: float | None = _setting(
+        None,
+        "sample frames at this rate from a centred window; clips shorter than frames/fps are dead-lettered. 'none' "
+        "(the default unless the config sets data.fps): spread the frames uniformly over each clip's duration",
+        config="fps",
+        type=lambda text: "none" if text.lower() == "none" else float(text),
+    )
+    val_fraction: float = _setting(
+        0.05,
+        "fraction of GIFs (by a stable hash of the source) that go to val (default 0.05)",
+        config="val_fraction",
+        type=float,
+    )
+    num_shards: int | None = _setting(
+        None, "shards per split (default: the config's data.num_shards)", config="num_shards", type=int
+    )
+    target_shard_mb: float | None = _setting(
+        None,
+        f"instead of --num-shards: as many shards as make about this many MiB each (default "
+        f"{DEFAULT_TARGET_SHARD_MB:g} when neither the flag nor the config sets a shard count)",
+        type=float,
+    )
+    keep_stills: bool = _setting(
+        False,
+        "keep single-frame GIFs as clips of one repeated frame (default: dead-letter them as 'still image')",
+        config="keep_stills",
+        action=argparse.BooleanOptionalAction,
+    )
+    overwrite: bool = _setting(
+        False, "replace the dataset in a non-empty --output (only the job's own files are removed)", action="store_true"
+    )
+    max_gif_mb: float = _setting(32.0, "GIFs larger than this are dead-lettered (32)", type=float)
+    element_timeout_s: float = _setting(
+        60.0,
+        "seconds one GIF may take to decode, choose and resize frames before it is dead-lettered as 'timeout' (60)",
+        name="--element-timeout",
+        metavar="SECONDS",
+        type=float,
+    )
+    fetch_threads: int = _setting(16, "concurrent downloads per worker (16)", type=int)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values, one message per setting (empty when all are usable)."""
+        checks = [
+            (bool(self.manifests), "give at least one --manifest"),
+            (bool(self.output), "--output is required (or a --config whose data section sets data.path)"),
+            (bool(self.text_encoder), "--text-encoder is required (or a --config whose data section sets it)"),
+            (self.frames >= 1, f"--frames must be at least 1, got {self.frames}"),
+            (self.size >= 1, f"--size must be at least 1, got {self.size}"),
+            (self.fps is None or self.fps > 0, f"--fps must be positive (or 'none' for time-uniform), got {self.fps}"),
+            (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
+            (
+                self.num_shards is None or self.num_shards >= 1,
+                f"--num-shards must be at least 1, got {self.num_shards}",
+            ),
+            (
+                self.target_shard_mb is None or self.target_shard_mb > 0,
+                f"--target-shard-mb must be positive, got {self.target_shard_mb}",
+            ),
+            (
+                self.num_shards is None or self.target_shard_mb is None,
+                "give --num-shards or --target-shard-mb, not both",
+            ),
+            (self.max_gif_mb > 0, f"--max-gif-mb must be positive, got {self.max_gif_mb}"),
+            (self.element_timeout_s > 0, f"--element-timeout must be positive, got {self.element_timeout_s}"),
+            (self.fetch_threads >= 1, f"--fetch-threads must be at least 1, got {self.fetch_threads}"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+def _flag_name(field: dataclasses.Field) -> str:
+    return field.metadata["flag"].get("name", "--" + field.name.replace("_", "-"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="yagg preprocess",
@@ -48,226 +153,116 @@ def build_parser() -> argparse.ArgumentParser:
             "Captioned GIF manifests (TGIF layout: a GIF URL or path, a tab, a caption, per line) -> ArrayRecord "
             "shards, dataset_info.json and dead letters, with an Apache Beam job. Flags not listed here are passed "
             "to Beam as pipeline options (e.g. --runner=DataflowRunner --project=P --region=R "
-            "--temp_location=gs://B/tmp --setup_file=./setup.py). Without --runner: DirectRunner, one worker thread "
-            "per core, each decoding GIFs in a child process of its own."
+            "--temp_location=gs://B/tmp --setup_file=./setup.py). Without --runner: Beam's DirectRunner in one "
+            "process, its bundle thread embedding captions and writing records while a pool of child processes, "
+            "one per core, decodes the GIFs."
         ),
         allow_abbrev=False,  # an abbreviated flag must not swallow a Beam option's name
     )
-    parser.add_argument(
-        "--manifest",
-        action="append",
-        required=True,
-        help="manifest file or glob, local or gs://...; repeat for several. Relative GIF paths resolve against "
-        "the manifest's folder",
-    )
-    parser.add_argument("--output", help="output folder, local or gs://... (default: the config's data.path)")
-    parser.add_argument(
-        "--text-encoder",
-        help="CLIP for the text embeddings: a Hugging Face hub name, a local folder, or a gs://... folder "
-        "(default: the config's data.text_encoder)",
-    )
-    parser.add_argument("--frames", type=int, help=f"frames per clip (default {DEFAULTS['frames']})")
-    parser.add_argument("--size", type=int, help=f"side of the square frames in pixels (default {DEFAULTS['size']})")
-    parser.add_argument(
-        "--fps",
-        type=_fps,
-        help="sample frames at this rate from a centred window; clips shorter than frames/fps are dead-lettered. "
-        "'none' (the default unless the config sets data.fps): spread the frames uniformly over each clip's duration",
-    )
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        help=f"fraction of GIFs (by a stable hash of the source) that go to val (default {DEFAULTS['val_fraction']})",
-    )
-    shards = parser.add_mutually_exclusive_group()
-    shards.add_argument("--num-shards", type=int, help="shards per split (default: the config's data.num_shards)")
-    shards.add_argument(
-        "--target-shard-mb",
-        type=float,
-        help=f"instead of --num-shards: as many shards as make about this many MiB each (default "
-        f"{DEFAULT_TARGET_SHARD_MB:g} when neither the flag nor the config sets a shard count)",
-    )
-    parser.add_argument(
-        "--keep-stills",
-        action=argparse.BooleanOptionalAction,
-        help="keep single-frame GIFs as clips of one repeated frame (default: dead-letter them as 'still image')",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the dataset in a non-empty --output (only the job's own files are removed)",
-    )
+    shard_flags = parser.add_mutually_exclusive_group()
+    for field in dataclasses.fields(Settings):
+        kwargs = {k: v for k, v in field.metadata["flag"].items() if k != "name"}
+        group = shard_flags if field.name in ("num_shards", "target_shard_mb") else parser
+        # Flags default to None ("not given"), so the config's data section can fill in what was not given.
+        group.add_argument(
+            _flag_name(field), dest=field.name, help=field.metadata["help"], **{"default": None, **kwargs}
+        )
     parser.add_argument(
         "--config",
         help="a configs/*.py file: its data section supplies defaults for the flags above (explicit flags win)",
     )
-    parser.add_argument("--max-gif-mb", type=float, default=32.0, help="GIFs larger than this are dead-lettered (32)")
-    parser.add_argument(
-        "--element-timeout",
-        type=float,
-        default=60.0,
-        help="seconds one GIF may take to decode, choose and resize frames before it is dead-lettered as "
-        "'timeout' (60)",
-    )
-    parser.add_argument("--fetch-threads", type=int, default=16, help="concurrent downloads per worker thread (16)")
     return parser
 
 
-def _fps(text: str) -> float | str:
-    """A frame rate, or "none" for time-uniform sampling (kept as a string: None means "flag not given")."""
-    return "none" if text.lower() == "none" else float(text)
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flag values, falling back to the config's data section, then to the Settings defaults."""
+    data: Any = {}
+    if args.config:
+        from yagg.config import ConfigError, load_config
+
+        try:
+            data = load_config(args.config).get("data", {})
+        except ConfigError as e:
+            raise UsageError(str(e)) from e
+    # The config's shard count applies only when no flag chose how to shard.
+    shard_flag_given = args.num_shards is not None or args.target_shard_mb is not None
+    given: dict[str, Any] = {}
+    for field in dataclasses.fields(Settings):
+        value = getattr(args, field.name)
+        name = field.metadata["config"]
+        if value is None and name and data.get(name) is not None and not (name == "num_shards" and shard_flag_given):
+            value = data.get(name)
+        if value is not None:
+            given[field.name] = value
+    given["manifests"] = tuple(given.get("manifests", ()))
+    if given.get("fps") == "none":
+        given["fps"] = None
+    return Settings(**given)
 
 
-def preprocess(
-    manifest: str | Sequence[str],
-    output: str,
-    text_encoder: str,
-    *,
-    frames: int = DEFAULTS["frames"],
-    size: int = DEFAULTS["size"],
-    fps: float | None = None,
-    val_fraction: float = DEFAULTS["val_fraction"],
-    num_shards: int | None = None,
-    target_shard_mb: float | None = None,
-    keep_stills: bool = DEFAULTS["keep_stills"],
-    overwrite: bool = False,
-    max_gif_mb: float = 32.0,
-    element_timeout_s: float = 60.0,
-    fetch_threads: int = 16,
-    pipeline_args: Sequence[str] = (),
-) -> dict[str, Any]:
-    """Runs the job and returns the dataset_info.json it wrote.
+def preprocess(settings: Settings, pipeline_args: Sequence[str] = ()) -> DatasetInfo:
+    """Runs the job and returns the description of the dataset it wrote.
 
     `pipeline_args` are Beam pipeline options; without `--runner` the local DirectRunner is used (module doc).
-    Raises UsageError, before any work starts, for arguments it cannot use (a bad value, a manifest that matches
+    Raises UsageError, before any work starts, for settings it cannot use (a bad value, a manifest that matches
     nothing, an unknown text encoder, a non-empty output without `overwrite`).
     """
     import apache_beam as beam
 
-    from pipeline import job, shards
+    from contracts.dataset import read_dataset_info
+    from pipeline import job
 
     try:
-        settings, options = _plan(
-            manifest=manifest,
-            output=output,
-            text_encoder=text_encoder,
-            frames=frames,
-            size=size,
-            fps=fps,
-            val_fraction=val_fraction,
-            num_shards=num_shards,
-            target_shard_mb=target_shard_mb,
-            keep_stills=keep_stills,
-            overwrite=overwrite,
-            max_gif_mb=max_gif_mb,
-            element_timeout_s=element_timeout_s,
-            fetch_threads=fetch_threads,
-            pipeline_args=pipeline_args,
-        )
+        job_settings, options = _plan(settings, pipeline_args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         raise UsageError(str(e)) from e
     pipeline = beam.Pipeline(options=options)
-    job.build(pipeline, settings)
+    job.build(pipeline, job_settings)
     result = pipeline.run()
     state = result.wait_until_finish()
     if state != "DONE":
-        raise RuntimeError(f"the preprocessing job ended in state {state}; {output} was left unchanged")
-    return shards.read_dataset_info(output)
+        raise RuntimeError(f"the preprocessing job ended in state {state}; {settings.output} was left unchanged")
+    return read_dataset_info(settings.output)
 
 
-def _plan(
-    *,
-    manifest: str | Sequence[str],
-    output: str,
-    text_encoder: str,
-    frames: int,
-    size: int,
-    fps: float | None,
-    val_fraction: float,
-    num_shards: int | None,
-    target_shard_mb: float | None,
-    keep_stills: bool,
-    overwrite: bool,
-    max_gif_mb: float,
-    element_timeout_s: float,
-    fetch_threads: int,
-    pipeline_args: Sequence[str],
-) -> tuple[Any, Any]:
-    """Checks every argument and resolves them into (JobSettings, PipelineOptions)."""
+def _plan(settings: Settings, pipeline_args: Sequence[str]) -> tuple[Any, Any]:
+    """Checks every setting and resolves them into (JobSettings, PipelineOptions)."""
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+    from contracts.conditioning import load_conditioner
     from pipeline import job, shards
     from pipeline.clip_frames import ClipSpec
-    from pipeline.embed import load_text_encoder
     from pipeline.manifest import expand_manifests
     from pipeline.sources import FetchPolicy
 
-    if target_shard_mb is not None and num_shards is not None:
-        raise ValueError("give --num-shards or --target-shard-mb, not both")
-    if target_shard_mb is None and num_shards is None:
-        target_shard_mb = DEFAULT_TARGET_SHARD_MB
-    _check_values(frames, size, fps, val_fraction, num_shards, target_shard_mb, max_gif_mb, element_timeout_s)
-    if fetch_threads < 1:
-        raise ValueError(f"--fetch-threads must be at least 1, got {fetch_threads}")
-    options = PipelineOptions(_with_default_runner(_checked_beam_args(pipeline_args)))
-    runner = options.view_as(StandardOptions).runner or ""
-    manifests = tuple(expand_manifests([manifest] if isinstance(manifest, str) else manifest))
-    if runner.lower() not in _LOCAL_RUNNERS:
-        _check_remote_paths(runner, manifests, output, text_encoder)
-    shards.check_output(output, overwrite)
-    # Loading the encoder here fails fast on a wrong name (before any worker starts) and gives its dimensions.
-    encoder = load_text_encoder(text_encoder)
-    settings = job.JobSettings(
-        manifests=manifests,
-        output=output,
-        run_id=uuid.uuid4().hex[:12],
-        text_encoder=text_encoder,
-        text_info={
-            "name": text_encoder,  # as given: for a gs:// folder, encoder.name is its local copy
-            "max_length": encoder.max_length,
-            "pooled_dim": encoder.pooled_dim,
-            "token_dim": encoder.token_dim,
-        },
-        clip=ClipSpec(num_frames=frames, size=size, fps=fps, keep_stills=keep_stills),
-        val_fraction=val_fraction,
-        num_shards=num_shards,
-        target_shard_mb=target_shard_mb,
-        fetch=FetchPolicy(max_bytes=int(max_gif_mb * 2**20)),
-        element_timeout_s=element_timeout_s,
-        fetch_threads=fetch_threads,
-    )
-    return settings, options
-
-
-def _check_values(
-    frames: int,
-    size: int,
-    fps: float | None,
-    val_fraction: float,
-    num_shards: int | None,
-    target_shard_mb: float | None,
-    max_gif_mb: float,
-    element_timeout_s: float,
-) -> None:
-    problems = []
-    if frames < 1:
-        problems.append(f"--frames must be at least 1, got {frames}")
-    if size < 1:
-        problems.append(f"--size must be at least 1, got {size}")
-    if fps is not None and not fps > 0:
-        problems.append(f"--fps must be positive (leave it out for time-uniform sampling), got {fps}")
-    if not 0 <= val_fraction < 1:
-        problems.append(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if num_shards is not None and num_shards < 1:
-        problems.append(f"--num-shards must be at least 1, got {num_shards}")
-    if target_shard_mb is not None and not target_shard_mb > 0:
-        problems.append(f"--target-shard-mb must be positive, got {target_shard_mb}")
-    if not max_gif_mb > 0:
-        problems.append(f"--max-gif-mb must be positive, got {max_gif_mb}")
-    if not element_timeout_s > 0:
-        problems.append(f"--element-timeout must be positive, got {element_timeout_s}")
+    problems = settings.problems()
     if problems:
         raise ValueError("; ".join(problems))
+    options = PipelineOptions(_with_default_runner(_checked_beam_args(pipeline_args)))
+    runner = options.view_as(StandardOptions).runner or ""
+    manifests = tuple(expand_manifests(list(settings.manifests)))
+    if runner.lower() not in _LOCAL_RUNNERS:
+        _check_remote_paths(runner, manifests, settings.output, settings.text_encoder)
+    shards.check_output(settings.output, settings.overwrite)
+    # Loading the encoder here fails fast on a wrong name (before any worker starts) and gives its dimensions.
+    conditioner = load_conditioner(settings.text_encoder)
+    no_shard_count = settings.num_shards is None and settings.target_shard_mb is None
+    job_settings = job.JobSettings(
+        manifests=manifests,
+        output=settings.output,
+        run_id=uuid.uuid4().hex[:12],
+        text_encoder=conditioner.info,
+        clip=ClipSpec(
+            num_frames=settings.frames, size=settings.size, fps=settings.fps, keep_stills=settings.keep_stills
+        ),
+        val_fraction=settings.val_fraction,
+        num_shards=settings.num_shards,
+        target_shard_mb=DEFAULT_TARGET_SHARD_MB if no_shard_count else settings.target_shard_mb,
+        fetch=FetchPolicy(max_bytes=int(settings.max_gif_mb * 2**20)),
+        element_timeout_s=settings.element_timeout_s,
+        fetch_threads=settings.fetch_threads,
+    )
+    return job_settings, options
 
 
 def _checked_beam_args(args: Sequence[str]) -> list[str]:
@@ -335,59 +330,21 @@ def _check_remote_paths(runner: str, manifests: Sequence[str], output: str, text
         )
 
 
-def format_summary(info: dict[str, Any], output: str) -> str:
+def format_summary(info: DatasetInfo, output: str) -> str:
     """The end-of-run report: where every manifest line went, and what was written."""
-    acc = info["accounting"]
+    acc = info.accounting
     lines = [
-        f"yagg preprocess: {acc['lines_read']} manifest lines read from {len(info['manifests'])} manifest(s)",
-        f"  examples written   {acc['examples_written']:>9}"
+        f"yagg preprocess: {acc.lines_read} manifest lines read from {len(info.manifests)} manifest(s)",
+        f"  examples written   {acc.examples_written:>9}"
         + "".join(
-            f"  ({split}: {info['splits'][split]['examples']} in {len(info['splits'][split]['shards'])} shard(s))"
-            for split in info["splits"]
+            f"  ({name}: {split.examples} in {len(split.shards)} shard(s))" for name, split in info.splits.items()
         ),
-        f"  dead-lettered      {acc['dead_lettered']:>9}",
+        f"  dead-lettered      {acc.dead_lettered:>9}",
     ]
-    lines += [
-        f"    {n:>9}  {reason}" for reason, n in sorted(acc["dead_lettered_by_reason"].items(), key=lambda x: -x[1])
-    ]
-    lines.append(f"  duplicates removed {acc['duplicates_removed']:>9}")
-    lines.append(
-        f"output: {output} (dataset_info.json; dead letters: {', '.join(info['dead_letter_files']) or 'none'})"
-    )
+    lines += [f"    {n:>9}  {reason}" for reason, n in sorted(acc.dead_lettered_by_reason.items(), key=lambda x: -x[1])]
+    lines.append(f"  duplicates removed {acc.duplicates_removed:>9}")
+    lines.append(f"output: {output} (dataset_info.json; dead letters: {', '.join(info.dead_letter_files) or 'none'})")
     return "\n".join(lines)
-
-
-def _settings_from(args: argparse.Namespace) -> dict[str, Any]:
-    """Flag values, falling back to the config's data section, then to DEFAULTS."""
-    data: Any = {}
-    if args.config:
-        from yagg.config import ConfigError, load_config
-
-        try:
-            data = load_config(args.config).get("data", {})
-        except ConfigError as e:
-            raise UsageError(str(e)) from e
-
-    def pick(flag: Any, field: str, default: Any = None) -> Any:
-        if flag is not None:
-            return flag
-        value = data.get(field)
-        return default if value is None else value
-
-    shard_flags = args.num_shards is not None or args.target_shard_mb is not None
-    settings = {
-        "output": pick(args.output, "path"),
-        "text_encoder": pick(args.text_encoder, "text_encoder"),
-        **{name: pick(getattr(args, name), name, default) for name, default in DEFAULTS.items()},
-        "fps": None if args.fps == "none" else pick(args.fps, "fps"),
-        # The config's shard count applies only when no flag chose how to shard.
-        "num_shards": args.num_shards if shard_flags else data.get("num_shards"),
-        "target_shard_mb": args.target_shard_mb,
-    }
-    for name, flag in (("output", "--output"), ("text_encoder", "--text-encoder")):
-        if not settings[name]:
-            raise UsageError(f"{flag} is required (or a --config whose data section sets it)")
-    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -397,20 +354,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     try:
-        settings = _settings_from(args)  # raises UsageError
-        info = preprocess(
-            args.manifest,
-            overwrite=args.overwrite,
-            max_gif_mb=args.max_gif_mb,
-            element_timeout_s=args.element_timeout,
-            fetch_threads=args.fetch_threads,
-            pipeline_args=beam_args,
-            **settings,
-        )
+        settings = settings_from_args(args)  # raises UsageError
+        info = preprocess(settings, pipeline_args=beam_args)
     except UsageError as e:
         print(f"yagg preprocess: error: {e}", file=sys.stderr)
         return 2
-    print(format_summary(info, settings["output"]))
+    print(format_summary(info, settings.output))
     return 0
 
 

@@ -28,17 +28,15 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from contracts.dataset import INFO_FILE, DatasetInfo
 from pipeline.manifest import DeadLetter
 
-INFO_FILE = "dataset_info.json"
 # group_size:1 makes every record its own chunk, which random access (grain's ArrayRecordDataSource) requires.
 WRITER_OPTIONS = "group_size:1"
-SPLITS = ("train", "val")
 DEAD_LETTER = "dead_letter"
 DEAD_LETTERS_PER_FILE = 100_000
 STAGING_PREFIX = ".staging-"
@@ -158,7 +156,7 @@ def _names_in(folder: str) -> set[str]:
     return {m.path[len(prefix) :].split("/", 1)[0] for m in FileSystems.match([prefix + "**"])[0].metadata_list}
 
 
-def commit(output: str, staging: str, files: Sequence[ShardFile], info: dict[str, Any]) -> None:
+def commit(output: str, staging: str, files: Sequence[ShardFile], info: DatasetInfo) -> None:
     """Replaces the dataset in `output` with the staged `files`, then writes dataset_info.json (see module doc).
 
     Safe to run again after it failed or was retried midway (a runner may retry the step): files already moved are
@@ -178,15 +176,6 @@ def commit(output: str, staging: str, files: Sequence[ShardFile], info: dict[str
             [FileSystems.join(staging, n) for n in staged], [FileSystems.join(output, n) for n in staged]
         )
     with FileSystems.create(FileSystems.join(output, INFO_FILE)) as f:
-        f.write(json.dumps(info, indent=1, sort_keys=True).encode() + b"\n")
+        f.write(info.to_json().encode())
     if FileSystems.exists(staging):
         FileSystems.delete([staging])
-
-
-def read_dataset_info(output: str) -> dict[str, Any]:
-    """The dataset_info.json of a finished run (a clear error for a folder without one)."""
-    path = FileSystems.join(output, INFO_FILE)
-    if not FileSystems.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: {output} holds no complete dataset (re-run yagg preprocess)")
-    with FileSystems.open(path) as f:
-        return json.loads(f.read())

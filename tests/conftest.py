@@ -23,7 +23,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import pytest  # noqa: E402
 
 from model.tiny_clip import make_tiny_clip
-from pipeline.run import preprocess
+from pipeline.run import Settings, preprocess
 from pipeline.shapes import make_shapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,13 +88,15 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     clip = make_tiny_clip(root / "tiny-clip", seed=0)
     data = root / "data"
     preprocess(
-        str(manifest),
-        str(data),
-        str(clip),
-        frames=4,
-        size=16,
-        num_shards=1,
-        val_fraction=0.25,
+        Settings(
+            manifests=(str(manifest),),
+            output=str(data),
+            text_encoder=str(clip),
+            frames=4,
+            size=16,
+            num_shards=1,
+            val_fraction=0.25,
+        ),
         pipeline_args=["--direct_running_mode=in_memory"],
     )
     workdir = root / "run"
@@ -105,7 +107,7 @@ def tiny_run(tmp_path_factory) -> TinyRun:
             [
                 sys.executable,
                 "-c",
-                "import sys; from eval.main import main_eval; sys.exit(main_eval(sys.argv[1:]))",
+                "import sys; from eval.main import main; sys.exit(main(sys.argv[1:]))",
                 *_config_args(overrides),
                 "--workdir",
                 str(workdir),

@@ -9,7 +9,7 @@ from yagg.cli import main
 
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "yagg", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("make-shapes", "make-tiny-clip", "preprocess", "train", "eval", "sample", "model-info"):
+    for command in ("make-shapes", "make-tiny-clip", "preprocess", "train", "eval", "sample", "export", "model-info"):
         assert command in out
 
 

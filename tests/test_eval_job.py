@@ -16,9 +16,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
+from contracts.checkpoint import CheckpointReader
 from eval.job import EvalError, evaluate, prompt_set
-from eval.main import main_eval
-from eval.sample import CheckpointReader
+from eval.main import main as main_eval
 from pipeline.shapes import COLORS, DIRECTIONS, HELDOUT
 from yagg.config import ConfigError, load_config
 

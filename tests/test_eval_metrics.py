@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
+from contracts.media import to_uint8
 from eval.probe import detect_color, detect_direction, probe_scores
 from eval.video_metrics import video_metrics
 from pipeline import shapes
 from pipeline.frames import resize_center_crop, select_frames
 from pipeline.gif import decode
-from train.samples import to_uint8
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from object_store import ObjectStore
 
 from eval.evaluators import (
     ClipModel,
@@ -23,10 +24,10 @@ from eval.evaluators import (
 from eval.video_metrics import video_metrics
 from model.diffusion import make_schedule
 from model.tiny_clip import make_tiny_clip
+from parallel import mesh as mesh_lib
 from pipeline import shapes
 from pipeline.frames import resize_center_crop, select_frames
 from pipeline.gif import decode
-from train import mesh as mesh_lib
 from yagg.config import ConfigError, load_config
 
 T = 100
@@ -185,5 +186,12 @@ def test_build_evaluators_refuses_lists_that_cannot_work():
         build("eval.evaluators=('probe',)")
     with pytest.raises(ConfigError, match="at least 2 generated clips"):
         build("eval.evaluators=('frechet',)", num_samples=1)
-    with pytest.raises(ConfigError, match="copy the folder to this machine"):
-        ClipModel("gs://bucket/clip")
+    with pytest.raises(ConfigError, match="pass --config.eval.clip=NAME_OR_FOLDER"):
+        ClipModel("objstore:///nonexistent/clip")
+
+
+def test_a_clip_on_an_object_store_is_copied_once_and_loads(tmp_path):
+    folder = make_tiny_clip(tmp_path / "clip", seed=0)
+    remote, local = ClipModel(ObjectStore.PREFIX + str(folder)), ClipModel(str(folder))
+    prompts = ["a red circle moving left"]
+    np.testing.assert_array_equal(remote.text_embeddings(prompts), local.text_embeddings(prompts))

@@ -5,8 +5,8 @@ pool of child processes); two more run through `main` as `yagg preprocess` does,
 multi-process modes, and must write the same bytes.
 """
 
+import dataclasses
 import json
-import os
 import socket
 import tempfile
 from pathlib import Path
@@ -15,17 +15,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from apache_beam import TaggedOutput
-from apache_beam.io.filesystem import FileMetadata
-from apache_beam.io.localfilesystem import LocalFileSystem
 from array_record.python.array_record_module import ArrayRecordReader
+from object_store import ObjectStore
 from PIL import Image
 
+from contracts import records
+from contracts.dataset import DatasetInfo
 from model.clip import TextEncoder
 from model.tiny_clip import make_tiny_clip
-from pipeline import gif, job, records, shards, timelimit
+from pipeline import gif, job, shards, timelimit
 from pipeline.clip_frames import ClipError, ClipSpec, clip_frames
 from pipeline.manifest import Item
-from pipeline.run import main, preprocess
+from pipeline.run import Settings, main, preprocess
 from pipeline.shapes import make_shapes
 from pipeline.sources import FetchPolicy
 
@@ -33,55 +34,6 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 IN_PROCESS = ["--direct_running_mode=in_memory"]
 SPEC = ClipSpec(num_frames=6, size=24, fps=None)
 LONG_CAPTION = " ".join(["word"] * 100)  # beyond CLIP's 77 tokens
-
-
-class ObjectStore(LocalFileSystem):
-    """A stand-in for gs:// (which needs cloud credentials): `objstore://x/y` is the local `/x/y`, and folders do not
-    exist as such, as on an object store. Beam finds the class by its scheme once this module is imported."""
-
-    PREFIX = "objstore:/"
-
-    @classmethod
-    def scheme(cls):
-        return "objstore"
-
-    def _local(self, path):
-        return path.removeprefix(self.PREFIX)
-
-    def join(self, base, *paths):
-        return "/".join([base.rstrip("/"), *paths])
-
-    def split(self, path):
-        head, _, tail = path.rstrip("/").rpartition("/")
-        return head, tail
-
-    def has_dirs(self):
-        return False
-
-    def exists(self, path):
-        if path.startswith(self.PREFIX):  # only objects exist; LocalFileSystem's own calls pass local paths
-            return os.path.isfile(self._local(path))
-        return super().exists(path)
-
-    def _list(self, prefix):
-        for m in super()._list(self._local(prefix)):
-            yield FileMetadata(self.PREFIX + m.path, m.size_in_bytes, m.last_updated_in_seconds)
-
-    def metadata(self, path):
-        m = super().metadata(self._local(path))
-        return FileMetadata(path, m.size_in_bytes, m.last_updated_in_seconds)
-
-    def create(self, path, *args, **kwargs):
-        return super().create(self._local(path), *args, **kwargs)
-
-    def open(self, path, *args, **kwargs):
-        return super().open(self._local(path), *args, **kwargs)
-
-    def rename(self, sources, destinations):
-        super().rename([self._local(p) for p in sources], [self._local(p) for p in destinations])
-
-    def delete(self, paths):
-        super().delete([self._local(p) for p in paths])
 
 
 @pytest.fixture(scope="module")
@@ -119,32 +71,34 @@ def shapes(tmp_path_factory):
 def shapes_run(shapes, tiny_clip, tmp_path_factory):
     output = tmp_path_factory.mktemp("run") / "data"
     info = preprocess(
-        str(shapes.manifest),
-        str(output),
-        str(tiny_clip),
-        frames=SPEC.num_frames,
-        size=SPEC.size,
-        val_fraction=0.3,
-        num_shards=2,
+        Settings(
+            manifests=(str(shapes.manifest),),
+            output=str(output),
+            text_encoder=str(tiny_clip),
+            frames=SPEC.num_frames,
+            size=SPEC.size,
+            val_fraction=0.3,
+            num_shards=2,
+        ),
         pipeline_args=IN_PROCESS,
     )
     return SimpleNamespace(output=output, info=info)
 
 
-def _read_split(output: Path, info: dict, split: str) -> list[dict]:
+def _read_split(output: Path, info: DatasetInfo, split: str) -> list[dict]:
     examples = []
-    for shard in info["splits"][split]["shards"]:
-        reader = ArrayRecordReader(str(output / shard["file"]))
+    for shard in info.splits[split].shards:
+        reader = ArrayRecordReader(str(output / shard.file))
         assert "group_size:1," in reader.writer_options_string()
         decoded = [records.decode(r) for r in reader.read_all()]
         assert [e["key"] for e in decoded] == sorted(e["key"] for e in decoded)  # sorted within the shard
-        assert len(decoded) == shard["examples"]
+        assert len(decoded) == shard.examples
         examples += decoded
     return examples
 
 
 def test_every_line_is_accounted_for(shapes_run):
-    accounting = shapes_run.info["accounting"]
+    accounting = dataclasses.asdict(shapes_run.info.accounting)
     assert accounting == {
         "lines_read": 26,
         "examples_written": 17,  # 16 GIFs, one of them with two captions
@@ -166,7 +120,7 @@ def test_every_line_is_accounted_for(shapes_run):
 
 def test_dead_letters_point_back_to_their_manifest_lines(shapes, shapes_run):
     rows = []
-    for name in shapes_run.info["dead_letter_files"]:
+    for name in shapes_run.info.dead_letter_files:
         rows += [json.loads(line) for line in (shapes_run.output / name).read_text(encoding="utf-8").splitlines()]
     assert [r["line"] for r in rows] == [19, 20, 21, 22, 23, 24, 25, 26]
     manifest_lines = shapes.manifest.read_bytes().split(b"\n")
@@ -188,7 +142,7 @@ def test_records_hold_the_clip_frames_and_the_encoder_embeddings(shapes, shapes_
     encoder = TextEncoder.from_pretrained(str(tiny_clip))
     reference = encoder.encode([e["caption"] for e in examples])
     for i, example in enumerate(examples):
-        for field, spec in info["features"].items():
+        for field, spec in info.features.items():
             if spec["dtype"] != "str":
                 assert example[field].dtype == np.dtype(spec["dtype"]) and list(example[field].shape) == spec["shape"]
         frames, times = clip_frames((shapes.root / example["source"]).read_bytes(), SPEC)
@@ -208,8 +162,8 @@ def test_split_follows_the_stable_source_hash(shapes_run):
         examples = _read_split(shapes_run.output, info, split)
         assert examples, f"no {split} examples"
         assert all(shards.split_of(e["source"], 0.3) == split for e in examples)
-    assert info["splits"]["train"]["examples"] + info["splits"]["val"]["examples"] == 17
-    assert info["val_fraction"] == 0.3 and info["text_encoder"]["max_length"] == 77
+    assert info.splits["train"].examples + info.splits["val"].examples == 17
+    assert info.val_fraction == 0.3 and info.text_encoder.max_length == 77
 
 
 @pytest.mark.parametrize(
@@ -247,25 +201,32 @@ def test_manifests_gifs_output_and_text_encoder_on_an_object_store(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the text encoder's local copy goes
     remote = ObjectStore.PREFIX + str(tmp_path / "bucket" / "data")
     info = preprocess(
-        ObjectStore.PREFIX + str(shapes.manifest),
-        remote,
-        ObjectStore.PREFIX + str(tiny_clip),
-        frames=SPEC.num_frames,
-        size=SPEC.size,
-        val_fraction=0.3,
-        num_shards=2,
+        Settings(
+            manifests=(ObjectStore.PREFIX + str(shapes.manifest),),
+            output=remote,
+            text_encoder=ObjectStore.PREFIX + str(tiny_clip),
+            frames=SPEC.num_frames,
+            size=SPEC.size,
+            val_fraction=0.3,
+            num_shards=2,
+        ),
         pipeline_args=IN_PROCESS,
     )
-    assert info["accounting"] == shapes_run.info["accounting"]
-    assert info["splits"] == shapes_run.info["splits"]
+    assert info.accounting == shapes_run.info.accounting
+    assert info.splits == shapes_run.info.splits
     for split in ("train", "val"):
-        for shard in info["splits"][split]["shards"]:
-            local = tmp_path / "bucket" / "data" / shard["file"]
-            assert local.read_bytes() == (shapes_run.output / shard["file"]).read_bytes()
+        for shard in info.splits[split].shards:
+            local = tmp_path / "bucket" / "data" / shard.file
+            assert local.read_bytes() == (shapes_run.output / shard.file).read_bytes()
     staged = [p for p in (tmp_path / "bucket" / "data").rglob("*") if p.is_file() and ".staging-" in str(p)]
     assert not staged  # every staged object was moved
     with pytest.raises(ValueError, match="not empty"):  # the folder "exists" only as a prefix, and is still refused
-        preprocess(ObjectStore.PREFIX + str(shapes.manifest), remote, str(tiny_clip), pipeline_args=IN_PROCESS)
+        preprocess(
+            Settings(
+                manifests=(ObjectStore.PREFIX + str(shapes.manifest),), output=remote, text_encoder=str(tiny_clip)
+            ),
+            pipeline_args=IN_PROCESS,
+        )
 
 
 def test_a_second_run_into_the_same_folder_needs_overwrite(shapes, shapes_run, tiny_clip, capsys):
@@ -317,10 +278,18 @@ def test_pillow_edge_cases_each_become_an_example_or_a_dead_letter(tmp_path, tin
     manifest.write_text("".join(f"{f}\tan edge case named {f.stem}\n" for f in files))
     out = tmp_path / "out"
     info = preprocess(
-        str(manifest), str(out), str(tiny_clip), frames=4, size=16, keep_stills=True, pipeline_args=IN_PROCESS
+        Settings(
+            manifests=(str(manifest),),
+            output=str(out),
+            text_encoder=str(tiny_clip),
+            frames=4,
+            size=16,
+            keep_stills=True,
+        ),
+        pipeline_args=IN_PROCESS,
     )
     examples = _read_split(out, info, "train") + _read_split(out, info, "val")
-    dead = [json.loads(line) for line in (out / info["dead_letter_files"][0]).read_text().splitlines()]
+    dead = [json.loads(line) for line in (out / info.dead_letter_files[0]).read_text().splitlines()]
     assert len(files) == 39 and len(examples) + len(dead) == 39
     assert {e["source"] for e in examples} | {d["source"] for d in dead} == {str(f) for f in files}
     reasons = {Path(d["source"]).name: d["reason"] for d in dead}
@@ -343,12 +312,15 @@ def test_tgif_manifest_of_unreachable_urls_is_fully_dead_lettered(tmp_path, tiny
     # What this offline machine's resolver answers, made certain: no query leaves the test, wherever it runs.
     monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
     manifest = CORPUS / "tgif" / "tgif-cvpr16-results.tsv"
-    info = preprocess(str(manifest), str(tmp_path / "out"), str(tiny_clip), pipeline_args=IN_PROCESS)
-    accounting = info["accounting"]
+    info = preprocess(
+        Settings(manifests=(str(manifest),), output=str(tmp_path / "out"), text_encoder=str(tiny_clip)),
+        pipeline_args=IN_PROCESS,
+    )
+    accounting = dataclasses.asdict(info.accounting)
     assert (accounting["lines_read"], accounting["examples_written"], accounting["duplicates_removed"]) == (11360, 0, 0)
     assert accounting["dead_lettered_by_reason"] == {"host not found": 11360}
     lines = []
-    for name in info["dead_letter_files"]:
+    for name in info.dead_letter_files:
         lines += [json.loads(row)["line"] for row in (tmp_path / "out" / name).read_text().splitlines()]
     assert sorted(lines) == list(range(1, 11361))
 

@@ -1,11 +1,11 @@
-"""The record schema shared by the preprocessing job and the trainer (pipeline/records.py)."""
+"""The record schema shared by the preprocessing job and the trainer (contracts/records.py)."""
 
 import struct
 
 import numpy as np
 import pytest
 
-from pipeline import records
+from contracts import records
 
 
 def _example(frames=4, size=8, pooled=6, length=5, dim=3, seed=0):

@@ -4,7 +4,9 @@ import json
 
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
+from test_dataset_info import make_dataset_info
 
+from contracts.dataset import DataError, read_dataset_info
 from pipeline import shards
 from pipeline.manifest import DeadLetter
 
@@ -93,7 +95,8 @@ def test_commit_replaces_every_old_dataset_file_and_keeps_other_files(tmp_path):
     staging = shards.staging_dir(str(out), "run2")
     new = [shards.write_shard(staging, "train", i, 2, [(f"k{i}", f"new {i}".encode())]) for i in range(2)]
 
-    shards.commit(str(out), staging, new, {"schema_version": 1})
+    info = make_dataset_info(shard_names=[f.name for f in new])
+    shards.commit(str(out), staging, new, info)
 
     assert sorted(p.name for p in out.iterdir()) == [
         "NOTES.md",
@@ -101,16 +104,16 @@ def test_commit_replaces_every_old_dataset_file_and_keeps_other_files(tmp_path):
         "train-00000-of-00002.array_record",
         "train-00001-of-00002.array_record",
     ]
-    assert shards.read_dataset_info(str(out)) == {"schema_version": 1}
+    assert read_dataset_info(str(out)) == info
     new_bytes = (out / "train-00001-of-00002.array_record").read_bytes()
     assert ArrayRecordReader(str(out / "train-00001-of-00002.array_record")).read_all() == [b"new 1"]
 
     # A runner may retry the commit step after it finished: nothing is lost or changed.
-    shards.commit(str(out), staging, new, {"schema_version": 1})
+    shards.commit(str(out), staging, new, info)
     assert len(list(out.iterdir())) == 4
     assert (out / "train-00001-of-00002.array_record").read_bytes() == new_bytes
 
 
 def test_reading_a_folder_without_dataset_info_fails_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no complete dataset"):
-        shards.read_dataset_info(str(tmp_path))
+    with pytest.raises(DataError, match="dataset_info.json does not exist"):
+        read_dataset_info(str(tmp_path))

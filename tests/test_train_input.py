@@ -1,17 +1,19 @@
 """The Grain input pipeline (train/input.py): shapes, order, per-process rows, resumable state, dataset checks.
 
-Records are written directly with pipeline.records.encode so each one's content says which record it is
+Records are written directly with contracts.records.encode so each one's content says which record it is
 (text_pooled[0] = its index); the end-to-end tests in test_train_loop.py use the real preprocessing job.
 """
 
+import dataclasses
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
+from test_dataset_info import make_dataset_info
 
-from pipeline import records
+from contracts import records
+from contracts.dataset import Shard, Split, TextEncoderInfo, read_dataset_info, shard_paths
 from train import input as input_lib
 
 NUM, FRAMES, SIZE, POOLED, LENGTH, TOKEN = 10, 3, 8, 4, 5, 6
@@ -39,22 +41,21 @@ def data_dir(tmp_path_factory):
             }
             writer.write(records.encode(example))
         writer.close()
-        shards.append({"file": name, "examples": len(indices), "bytes": 0})
-    info = {
-        "schema_version": records.SCHEMA_VERSION,
-        "frames": FRAMES,
-        "size": SIZE,
-        "fps": None,
-        "text_encoder": {"name": "tiny", "pooled_dim": POOLED, "token_dim": TOKEN, "max_length": LENGTH},
-        "splits": {"train": {"examples": NUM, "shards": shards}, "val": {"examples": 0, "shards": []}},
-    }
-    (out / "dataset_info.json").write_text(json.dumps(info))
+        shards.append(Shard(file=name, examples=len(indices), bytes=0))
+    info = dataclasses.replace(
+        make_dataset_info(),
+        frames=FRAMES,
+        size=SIZE,
+        fps=None,
+        text_encoder=TextEncoderInfo(name="tiny", pooled_dim=POOLED, token_dim=TOKEN, max_length=LENGTH),
+        splits={"train": Split(NUM, tuple(shards)), "val": Split(0, ())},
+    )
+    (out / "dataset_info.json").write_text(info.to_json())
     return out
 
 
 def _stream(data_dir, rows, global_batch=4, seed=0):
-    info = input_lib.read_dataset_info(data_dir)
-    paths = input_lib.shard_paths(data_dir, info)
+    paths = shard_paths(str(data_dir), read_dataset_info(str(data_dir)))
     return iter(
         input_lib.make_train_dataset(
             paths, global_batch=global_batch, rows=np.asarray(rows), seed=seed, num_threads=2, prefetch=2
@@ -108,38 +109,10 @@ def test_restored_iterator_state_continues_with_the_same_batches(data_dir):
     assert [_ids(next(resumed)) for _ in range(4)] == expected
 
 
-def _data_config(data_dir, **changes):
-    fields = dict(
-        path=str(data_dir),
-        frames=FRAMES,
-        size=SIZE,
-        text_embed_dim=POOLED,
-        text_token_dim=TOKEN,
-        text_max_length=LENGTH,
-    )
-    fields.update(changes)
-    return ml_collections.ConfigDict(fields)
-
-
-def test_a_config_that_fits_passes(data_dir):
-    input_lib.check_config_fits(input_lib.read_dataset_info(data_dir), _data_config(data_dir))
-
-
-def test_every_mismatch_with_the_dataset_is_named(data_dir):
-    info = input_lib.read_dataset_info(data_dir)
-    with pytest.raises(input_lib.DataError) as e:
-        input_lib.check_config_fits(info, _data_config(data_dir, frames=16, text_token_dim=512))
-    assert "data.frames=16 but the dataset has 3" in str(e.value)
-    assert "data.text_token_dim=512 but the dataset has 6" in str(e.value)
-
-
-def test_a_folder_without_dataset_info_is_refused(tmp_path):
-    with pytest.raises(input_lib.DataError, match="yagg preprocess"):
-        input_lib.read_dataset_info(tmp_path)
-
-
-def test_a_missing_shard_is_refused(data_dir, tmp_path):
-    info = input_lib.read_dataset_info(data_dir)
-    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
-    with pytest.raises(input_lib.DataError, match="missing"):
-        input_lib.shard_paths(tmp_path, info)
+def test_the_train_steps_batch_spec_is_what_the_stream_yields(data_dir):
+    info = read_dataset_info(str(data_dir))
+    batch = next(_stream(data_dir, rows=range(4)))
+    spec = input_lib.batch_spec(info.features, 4)
+    assert sorted(spec) == sorted(batch)
+    for name, value in batch.items():
+        assert (spec[name].shape, spec[name].dtype) == (value.shape, value.dtype), name

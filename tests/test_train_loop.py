@@ -23,9 +23,9 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from contracts import records
 from model.tiny_clip import make_tiny_clip
-from pipeline import records
-from pipeline.run import preprocess
+from pipeline.run import Settings, preprocess
 from pipeline.shapes import make_shapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,13 +65,15 @@ def dataset(tmp_path_factory):
     manifest = make_shapes(root / "shapes", num=24, seed=0)
     clip = make_tiny_clip(root / "tiny-clip", seed=0)
     preprocess(
-        str(manifest),
-        str(root / "data"),
-        str(clip),
-        frames=4,
-        size=16,
-        num_shards=2,
-        val_fraction=0.1,
+        Settings(
+            manifests=(str(manifest),),
+            output=str(root / "data"),
+            text_encoder=str(clip),
+            frames=4,
+            size=16,
+            num_shards=2,
+            val_fraction=0.1,
+        ),
         pipeline_args=["--direct_running_mode=in_memory"],
     )
     return root / "data"
@@ -197,6 +199,18 @@ def test_samples_are_gifs_at_the_dataset_frame_rate_and_strips_in_tensorboard(ba
             assert gif.size == (16, 16) and gif.n_frames == 4
             assert abs(gif.info["duration"] - frame_ms) <= 10  # GIF delays are whole centiseconds
     assert {"samples/00", "samples/01"} <= _tensorboard_tags(baseline)  # one strip of frames per prompt
+
+
+def test_a_training_sample_is_what_yagg_sample_draws_from_that_checkpoint(baseline, compile_cache, tmp_path):
+    samples = json.loads((baseline / "samples" / "6" / "samples.json").read_text())
+    assert [s["seed"] for s in samples] == [0, 0]  # every prompt from sampling.seed
+    out = tmp_path / "again.gif"
+    command = [sys.executable, "-c", "import sys; from yagg.cli import main; sys.exit(main(sys.argv[1:]))"]
+    command += ["sample", "--checkpoint", str(baseline / "checkpoints" / "6"), samples[1]["prompt"]]
+    command += ["--seed", str(samples[1]["seed"]), "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=_env(compile_cache), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.read_bytes() == (baseline / "samples" / "6" / samples[1]["file"]).read_bytes()
 
 
 def test_kill_9_then_restart_logs_exactly_the_uninterrupted_losses(dataset, compile_cache, baseline, tmp_path):

@@ -15,68 +15,27 @@ There is no augmentation: a horizontal flip would turn "moving left" into "movin
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import grain
-import ml_collections
+import jax
 import numpy as np
 
-from pipeline import records
+from contracts import records
+from model.diffusion import CONDITION_KEYS
 
-INFO_FILE = "dataset_info.json"
 # The fields the model consumes; strings and frame times stay on the host.
-BATCH_FIELDS = ("frames", "text_pooled", "text_tokens", "text_mask")
+BATCH_FIELDS = ("frames", *CONDITION_KEYS)
 
 
-class DataError(ValueError):
-    """The dataset folder is missing, incomplete, or does not fit the config."""
-
-
-def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:
-    """dataset_info.json of a finished preprocessing run (the job writes it last, so its presence means complete)."""
-    path = Path(data_dir) / INFO_FILE
-    if not path.is_file():
-        raise DataError(
-            f"{path} does not exist: data.path must be the --output folder of a finished `yagg preprocess` run"
-        )
-    info = json.loads(path.read_text())
-    if info.get("schema_version") != records.SCHEMA_VERSION:
-        raise DataError(
-            f"{data_dir} was written with record schema version {info.get('schema_version')} but this trainer reads "
-            f"version {records.SCHEMA_VERSION}: re-run `yagg preprocess` to rewrite it"
-        )
-    return info
-
-
-def check_config_fits(info: dict[str, Any], data_config: ml_collections.ConfigDict) -> None:
-    """Stops with one message listing every config field that disagrees with the dataset's shapes."""
-    text = info["text_encoder"]
-    pairs = [
-        ("data.frames", data_config.frames, info["frames"]),
-        ("data.size", data_config.size, info["size"]),
-        ("data.text_embed_dim", data_config.text_embed_dim, text["pooled_dim"]),
-        ("data.text_token_dim", data_config.text_token_dim, text["token_dim"]),
-        ("data.text_max_length", data_config.text_max_length, text["max_length"]),
-    ]
-    wrong = [f"{name}={ours} but the dataset has {theirs}" for name, ours, theirs in pairs if ours != theirs]
-    if wrong:
-        raise DataError(
-            f"the dataset at {data_config.path} does not fit the config: {'; '.join(wrong)}. Override these fields "
-            "(e.g. --config.data.frames=N) or preprocess the data again with the config's values"
-        )
-    if info["splits"]["train"]["examples"] == 0:
-        raise DataError(f"the dataset at {data_config.path} has no training examples")
-
-
-def shard_paths(data_dir: str | Path, info: dict[str, Any], split: str = "train") -> list[str]:
-    paths = [str(Path(data_dir) / shard["file"]) for shard in info["splits"][split]["shards"]]
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise DataError(f"{len(missing)} shard file(s) listed in dataset_info.json are missing, e.g. {missing[0]}")
-    return paths
+def batch_spec(features: dict[str, dict[str, Any]], global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the train step takes, from the dataset's record features (contracts/records.py): every
+    field in its stored dtype, the batch dimension first."""
+    return {
+        name: jax.ShapeDtypeStruct((global_batch, *features[name]["shape"]), records.ARRAY_DTYPES[name])
+        for name in BATCH_FIELDS
+    }
 
 
 class _DecodeForTraining(grain.transforms.Map):

@@ -24,16 +24,17 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from model.build import build_schedule, build_unet, example_inputs
+from contracts.checkpoint import Checkpointer, CheckpointError
+from contracts.dataset import DataError, DataFacts, read_dataset_info, shard_paths
+from inference.generator import GenerateError
+from model.build import build_schedule, build_unet, params_initializer
+from parallel import mesh as mesh_lib
 from train import input as input_lib
-from train import mesh as mesh_lib
 from train import state as state_lib
 from train import step as step_lib
-from train.checkpoint import Checkpointer, CheckpointError
 from train.metrics import MetricsLogger, StepMetrics, compiled_flops
 from train.samples import SampleWriter
 from yagg.config import ConfigError
@@ -41,7 +42,7 @@ from yagg.config import ConfigError
 log = logging.getLogger(__name__)
 
 # Errors a user causes with a flag, a config value or a dataset; `yagg train` prints them without a traceback.
-UsageErrors = (ConfigError, input_lib.DataError, mesh_lib.MeshError, CheckpointError)
+UsageErrors = (ConfigError, DataError, mesh_lib.MeshError, CheckpointError, GenerateError)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -136,9 +137,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """Trains (or resumes) the run in `workdir`; see the module docstring."""
     workdir = Path(workdir)
     _check_config(config)
-    info = input_lib.read_dataset_info(config.data.path)
-    input_lib.check_config_fits(info, config.data)
-    paths = input_lib.shard_paths(config.data.path, info)
+    info = read_dataset_info(str(config.data.path))
+    info.check_fits(config.data)
+    if info.splits["train"].examples == 0:
+        raise DataError(f"the dataset at {config.data.path} has no training examples")
+    paths = shard_paths(str(config.data.path), info)
     is_writer = jax.process_index() == 0
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     except ValueError as e:  # build_* name the config field that is wrong
         raise ConfigError(str(e)) from e
     tx, lr_schedule = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-    plan = state_lib.plan_state(_params_initializer(model, config), tx, mesh, rules)
+    plan = state_lib.plan_state(params_initializer(model, config), tx, mesh, rules)
     # Made by a jitted function so the keys are global (replicated) arrays that every process can pass and save.
     init_key, rng = jax.jit(
         lambda: tuple(jax.random.split(jax.random.PRNGKey(int(config.seed)))), out_shardings=mesh_lib.replicated(mesh)
@@ -188,10 +191,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             state, rng, start = restored
             log.info("resumed from step %d (%s)", start, ckpt.directory / str(start))
 
-        train_step = _compile_step(config, model, schedule, tx, lr_schedule, plan, mesh, rules, state, rng)
+        train_step = _compile_step(
+            config, info.features, model, schedule, tx, lr_schedule, plan, mesh, rules, state, rng
+        )
         samples = None
         if config.sample_every:
-            samples = SampleWriter(config, info, paths, model, schedule, mesh, plan.shardings.ema_params, workdir)
+            facts = DataFacts.of_dataset(str(config.data.path), info)
+            samples = SampleWriter(config, facts, mesh, plan.shardings.ema_params, workdir)
         logger = MetricsLogger(
             workdir,
             is_writer=is_writer,
@@ -213,18 +219,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         ckpt.close()
 
 
-def _params_initializer(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
-    """init(key) -> boxed params, traced on one example of the configured shapes."""
-    inputs = example_inputs(config, batch_size=1)
-
-    def init(key: jax.Array) -> Any:
-        params_key, dropout_key = jax.random.split(key)
-        zeros = {name: jnp.zeros(spec.shape, spec.dtype) for name, spec in inputs.items()}
-        return model.init({"params": params_key, "dropout": dropout_key}, **zeros, train=False)["params"]
-
-    return init
-
-
 # XLA:CPU options for the train step. Since jax 0.10 XLA:CPU hands convolutions to YNNPACK by default; on the demo's
 # narrow convolutions (16-64 channels, frames folded into the batch) XLA's own (Eigen) convolutions make the step
 # faster, so only YNNPACK's dots and reductions stay on (the value lists the fusion types kept; it replaces XLA's
@@ -238,6 +232,7 @@ CPU_COMPILER_OPTIONS = {
 
 def _compile_step(
     config: ml_collections.ConfigDict,
+    features: dict[str, dict[str, Any]],
     model: nn.Module,
     schedule: Any,
     tx: Any,
@@ -260,16 +255,9 @@ def _compile_step(
         loss_kwargs=_loss_kwargs(config),
     )
     jitted = step_lib.jit_train_step(step_fn, plan.shardings, input_lib.BATCH_FIELDS, mesh)
-    d = config.data
-    shapes = {
-        "frames": ((d.frames, d.size, d.size, 3), np.uint8),
-        "text_pooled": ((d.text_embed_dim,), np.float32),
-        "text_tokens": ((d.text_max_length, d.text_token_dim), np.float16),
-        "text_mask": ((d.text_max_length,), np.bool_),
-    }
     batch = {
-        name: jax.ShapeDtypeStruct((int(config.batch_size), *shape), dtype, sharding=mesh_lib.batch_sharding(mesh))
-        for name, (shape, dtype) in shapes.items()
+        name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=mesh_lib.batch_sharding(mesh))
+        for name, spec in input_lib.batch_spec(features, int(config.batch_size)).items()
     }
     options = CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

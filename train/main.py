@@ -12,10 +12,11 @@ error (a bad flag, config, mesh or dataset).
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import sys
 from collections.abc import Sequence
+
+from parallel.distributed import add_flags
 
 log = logging.getLogger("train")
 
@@ -29,39 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", required=True, help="a configs/*.py file (get_config())")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events, samples")
-    parser.add_argument(
-        "--coordinator_address",
-        help="HOST:PORT of process 0, for a job of several processes (not needed on Cloud TPU VMs)",
-    )
-    parser.add_argument("--num_processes", type=int, help="number of processes in the job (with --coordinator_address)")
-    parser.add_argument("--process_id", type=int, help="this process's index, 0..N-1 (with --coordinator_address)")
+    add_flags(parser)
     return parser
-
-
-def _on_cloud_tpu_vm() -> bool:
-    # TPU VMs expose their chips as /dev/accel* (v2-v4) or /dev/vfio/N (v5e and later).
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-
-
-def initialize_distributed(args: argparse.Namespace) -> None:
-    """Joins the multi-process job (before anything touches a JAX backend); a single process needs nothing.
-
-    Raises ConfigError for an incomplete or inconsistent set of the three flags."""
-    import jax
-
-    from yagg.config import ConfigError  # these flags configure the run as much as the config file does
-
-    explicit = (args.coordinator_address, args.num_processes, args.process_id)
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise ConfigError("--coordinator_address, --num_processes and --process_id go together: give all three")
-        if not 0 <= args.process_id < args.num_processes:
-            raise ConfigError(f"--process_id must be in [0, {args.num_processes}), got {args.process_id}")
-        # CPU processes exchange data over gloo (TCP); the default CPU backend has no cross-process collectives.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    elif _on_cloud_tpu_vm():
-        jax.distributed.initialize()  # the TPU runtime tells every worker the coordinator, count and index
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,11 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     # Imported here so that `--help` and flag errors answer before JAX loads.
+    from parallel.distributed import initialize_distributed
     from train.loop import NonFiniteLossError, UsageErrors, train_and_evaluate
     from yagg.config import load_config
 
     try:
-        initialize_distributed(args)
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         config = load_config(args.config, rest)
         train_and_evaluate(config, args.workdir)
     except UsageErrors as e:

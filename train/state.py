@@ -18,7 +18,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from train import mesh as mesh_lib
+from parallel import mesh as mesh_lib
 
 
 class TrainState(struct.PyTreeNode):
@@ -104,14 +104,7 @@ def plan_state(
         params = init_params(key)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=params)
 
-    key_shape = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    boxed_shapes = jax.eval_shape(init_boxed, key_shape)
-    shardings = mesh_lib.logical_shardings(boxed_shapes, mesh, rules)
-    abstract = jax.tree.map(
-        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-        nn.unbox(boxed_shapes),
-        shardings,
-    )
+    abstract, shardings = mesh_lib.plan(init_boxed, mesh, rules)
     jitted = jax.jit(lambda key: nn.unbox(init_boxed(key)), out_shardings=shardings)
 
     def init(key: jax.Array) -> TrainState:

@@ -16,18 +16,15 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from contracts.conditioning import model_condition
+from contracts.media import frames_to_model
 from model.diffusion import diffusion_loss
-from train import mesh as mesh_lib
+from parallel import mesh as mesh_lib
 from train.state import TrainState, ema_update
 
 # Per-timestep-bucket losses: the loss at small t (fine detail) and large t (layout, motion) move differently, and a
 # single mean hides which one a change helped.
 NUM_T_BUCKETS = 4
-
-
-def frames_to_model(frames: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1] (done here, on the accelerator, so hosts ship 1 byte per pixel)."""
-    return frames.astype(jnp.float32) * (2.0 / 255.0) - 1.0
 
 
 def _bucket_stats(per_example: jax.Array, t: jax.Array, num_timesteps: int) -> tuple[jax.Array, jax.Array]:
@@ -52,11 +49,7 @@ def train_step(
     key = jax.random.fold_in(rng, state.step)
     loss_key, dropout_key = jax.random.split(key)
     x0 = frames_to_model(batch["frames"])
-    cond = {
-        "text_pooled": batch["text_pooled"].astype(jnp.float32),
-        "text_tokens": batch["text_tokens"].astype(jnp.float32),
-        "text_mask": batch["text_mask"],
-    }
+    cond = model_condition(batch)
 
     def loss_fn(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         return diffusion_loss(

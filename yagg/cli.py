@@ -61,28 +61,41 @@ def _passthrough_commands() -> dict[str, Callable[[Sequence[str]], int | None]]:
         return main(argv)
 
     def evaluate(argv: Sequence[str]) -> int | None:
-        from eval.main import main_eval
+        from eval.main import main
 
-        return main_eval(argv)
+        return main(argv)
 
     def sample(argv: Sequence[str]) -> int | None:
-        from eval.main import main_sample
+        from inference.sample import main
 
-        return main_sample(argv)
+        return main(argv)
+
+    def export(argv: Sequence[str]) -> int | None:
+        from inference.export import main
+
+        return main(argv)
 
     def model_info(argv: Sequence[str]) -> int | None:
         from model.info import main
 
         return main(argv)
 
-    return {"preprocess": preprocess, "train": train, "eval": evaluate, "sample": sample, "model-info": model_info}
+    return {
+        "preprocess": preprocess,
+        "train": train,
+        "eval": evaluate,
+        "sample": sample,
+        "export": export,
+        "model-info": model_info,
+    }
 
 
 PASSTHROUGH_HELP = {
     "preprocess": "run the Beam job: captioned GIF manifest -> ArrayRecord shards (see `yagg preprocess --help`)",
     "train": "train the diffusion model on a device mesh; resumes from the workdir (see `yagg train --help`)",
     "eval": "sample and score every checkpoint of a run: GIFs, metrics, TensorBoard, HTML gallery (`yagg eval --help`)",
-    "sample": "write GIFs for text prompts from a checkpoint (see `yagg sample --help`)",
+    "sample": "write GIFs for text prompts from a checkpoint or an exported model (see `yagg sample --help`)",
+    "export": "write a self-contained model folder from a checkpoint (see `yagg export --help`)",
     "model-info": "parameters, training FLOPs and activation memory of a config's model (`yagg model-info --help`)",
 }
 

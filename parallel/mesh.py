@@ -14,7 +14,7 @@ over processes: 1 process x 2 devices and 2 processes x 1 device build bit-ident
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -105,6 +105,20 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, An
     if whole:
         log.warning("%d parameter axes kept whole, their size not divisible: %s", len(whole), "; ".join(whole[:8]))
     return shardings
+
+
+def plan(init: Callable[[jax.Array], Any], mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> tuple[Any, Any]:
+    """(abstract tree, shardings) of what `init(key)` returns (a tree whose parameters carry logical axis names):
+    the shapes from `jax.eval_shape`, so nothing is computed, and each leaf's sharding from the rules. The abstract
+    leaves are ShapeDtypeStructs carrying their shardings: what Orbax restores into, and what jit initialises to."""
+    boxed = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jax.numpy.uint32))
+    shardings = logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        nn.unbox(boxed),
+        shardings,
+    )
+    return abstract, shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

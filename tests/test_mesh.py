@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from train import mesh as mesh_lib
+from parallel import mesh as mesh_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,8 +47,9 @@ import json, sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from train import mesh as mesh_lib, state as state_lib
-from train.loop import _params_initializer
+from parallel import mesh as mesh_lib
+from train import state as state_lib
+from model.build import params_initializer
 from model.build import build_unet
 from yagg.config import load_config
 
@@ -56,7 +57,7 @@ config = load_config(sys.argv[1], sys.argv[2:])
 mesh = mesh_lib.make_mesh(config.mesh)
 rules = mesh_lib.logical_rules(config.sharding_rules)
 tx, _ = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-plan = state_lib.plan_state(_params_initializer(build_unet(config), config), tx, mesh, rules)
+plan = state_lib.plan_state(params_initializer(build_unet(config), config), tx, mesh, rules)
 specs = {
     jax.tree_util.keystr(path): [list(a) if isinstance(a, tuple) else a for a in sharding.spec]
     for path, sharding in jax.tree_util.tree_leaves_with_path(plan.shardings.params)
