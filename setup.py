@@ -38,6 +38,8 @@ TRAIN_REQUIRES = [
     "tensorboard",
     "imageio",
 ]
+# `yagg serve` on top of that (training's set: the server reads checkpoints with Orbax).
+SERVE_REQUIRES = ["fastapi", "uvicorn", "sse-starlette", "prometheus-client", "httpx"]
 
 setup(
     name="yagg",
@@ -60,6 +62,8 @@ setup(
             "model.*",
             "inference",
             "inference.*",
+            "serve",
+            "serve.*",
             "train",
             "train.*",
             "eval",
@@ -68,10 +72,12 @@ setup(
             "configs.*",
         ]
     ),
+    package_data={"serve": ["static/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "train": TRAIN_REQUIRES,
-        "test": [*TRAIN_REQUIRES, "pytest>=8", "pytest-xdist", "ruff", "packaging"],
+        "serve": [*TRAIN_REQUIRES, *SERVE_REQUIRES],
+        "test": [*TRAIN_REQUIRES, *SERVE_REQUIRES, "pytest>=8", "pytest-xdist", "ruff", "packaging", "playwright"],
         "tpu": [*TRAIN_REQUIRES, "jax[tpu]>=0.10,<0.11"],
         "cuda": [*TRAIN_REQUIRES, "jax[cuda12]>=0.10,<0.11"],
         # What a machine that launches Dataflow jobs needs on top (the workers' image has it already).

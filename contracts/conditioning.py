@@ -64,6 +64,21 @@ class TextConditioner:
         """Each caption's token ids, with the start and end tokens, before any truncation."""
         return self._encoder.token_ids(list(captions))
 
+    def bucket_lengths(self) -> list[int]:
+        """The lengths captions are encoded at (see the module doc)."""
+        lengths, n = [], MIN_TOKENS
+        while True:
+            lengths.append(min(n, self.max_length))
+            if n >= self.max_length:
+                return lengths
+            n *= 2
+
+    def warm_up(self) -> None:
+        """Compiles the text tower for one caption at every bucket length (what a sampler encodes: one prompt at a
+        time), so no prompt waits for a compilation later."""
+        for length in self.bucket_lengths():
+            self.encode_token_ids([[self._encoder.pad_id] * length])
+
     def encode_token_ids(self, token_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
         """The condition arrays of captions already tokenised (`token_ids`), each at most max_length tokens long."""
         lengths = np.array([len(ids) for ids in token_ids], np.int64)

@@ -145,7 +145,7 @@ class Generator:
         if lanes < 1:
             raise GenerateError(f"sampling.lanes_per_device must be at least 1, got {lanes}")
         self.width = lanes * mesh.devices.size  # clips per call, over all devices
-        self._mesh = mesh
+        self.mesh = mesh
         self._compiled = _Compiled(self.model, self.schedule, mesh, param_shardings, (facts.frames, facts.size))
         self._text = _TextCache(conditioner)
 
@@ -162,6 +162,7 @@ class Generator:
         raw_params: bool = False,
         text_encoder: str | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        lanes_per_device: int | None = None,
     ) -> Generator:
         """A generator for `source`, of `kind` "model" (an exported model folder), "checkpoint" (one checkpoint
         folder WORKDIR/checkpoints/STEP) or "workdir" (a training workdir: its newest finished checkpoint, or
@@ -169,8 +170,9 @@ class Generator:
 
         `raw_params`: the trained parameters instead of their EMA (checkpoints only). `text_encoder` overrides the
         CLIP named by the dataset or export (needed only when that one is not on this machine). `mesh`: where the
-        parameters go (default: every local device, parameters replicated). GenerateError for anything the user can
-        fix.
+        parameters go (default: every local device, parameters replicated). `lanes_per_device` overrides the model
+        config's (clips then differ in their last bits from those drawn at the config's width). GenerateError for
+        anything the user can fix.
         """
         source = str(source)
         path = Path(source)
@@ -181,7 +183,7 @@ class Generator:
             if kind == "model":
                 if raw_params or step is not None:
                     raise GenerateError("an exported model holds one step's EMA parameters: no step or raw parameters")
-                return cls._from_export(export_lib.read_export(source), text_encoder, mesh)
+                return cls._from_export(export_lib.read_export(source), text_encoder, mesh, lanes_per_device)
             if kind == "checkpoint":
                 reader, found = checkpoint_lib.find_checkpoint(checkpoint=path)
             else:
@@ -190,7 +192,7 @@ class Generator:
                     if step not in reader.steps():
                         raise GenerateError(f"no finished checkpoint of step {step} in {reader.directory}")
                     found = step
-            return cls._from_checkpoint(reader, found, raw_params, text_encoder, mesh)
+            return cls._from_checkpoint(reader, found, raw_params, text_encoder, mesh, lanes_per_device)
         except (checkpoint_lib.ReadError, export_lib.ExportError) as e:
             raise GenerateError(str(e)) from e
 
@@ -202,6 +204,7 @@ class Generator:
         raw_params: bool,
         text_encoder: str | None,
         mesh: jax.sharding.Mesh | None,
+        lanes_per_device: int | None,
     ) -> Generator:
         config = reader.config(step)
         facts = training_data_facts(config)
@@ -215,11 +218,16 @@ class Generator:
             step=step,
             mesh=mesh,
             param_shardings=shardings,
+            lanes_per_device=lanes_per_device,
         )
 
     @classmethod
     def _from_export(
-        cls, exported: export_lib.ExportedModel, text_encoder: str | None, mesh: jax.sharding.Mesh | None
+        cls,
+        exported: export_lib.ExportedModel,
+        text_encoder: str | None,
+        mesh: jax.sharding.Mesh | None,
+        lanes_per_device: int | None,
     ) -> Generator:
         mesh, abstract, shardings = placement(exported.config, mesh)
         return cls(
@@ -230,6 +238,7 @@ class Generator:
             step=exported.step,
             mesh=mesh,
             param_shardings=shardings,
+            lanes_per_device=lanes_per_device,
         )
 
     def with_params(self, params: Any, step: int) -> Generator:
@@ -357,8 +366,10 @@ class Generator:
         return np.asarray(c.gather(x))
 
     def warm_up(self, methods: Sequence[str] = METHODS) -> None:
-        """Compiles everything a call needs (the initial noise, each method's step, the gather) by drawing one clip
-        of one step per method, so no later request waits for a compilation."""
+        """Compiles everything a call needs (the text tower at every caption-length bucket, the initial noise, each
+        method's step, the gather) by drawing one clip of one step per method, so no later request waits for a
+        compilation: the step count, guidance, eta and seeds are inputs of those programs, not part of them."""
+        self.conditioner.warm_up()
         prompt = "warm-up"
         for method in methods:
             self.run([Request(prompt=prompt, seed=0, guidance=self.defaults.guidance)], steps=1, method=method)

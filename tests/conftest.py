@@ -148,3 +148,13 @@ def tiny_run(tmp_path_factory) -> TinyRun:
         eval_returncode=returncode,
         eval_output=eval_log.read_text(),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run's newest checkpoint exported with `yagg export` (a self-contained model folder)."""
+    from inference.export import main as export_main
+
+    out = tmp_path_factory.mktemp("export") / "model"
+    assert export_main(["--workdir", str(tiny_run.workdir), "--out", str(out)]) == 0
+    return out

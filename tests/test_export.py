@@ -12,10 +12,8 @@ PROMPT = "a green triangle moving right"
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "model"
-    assert export_main(["--workdir", str(tiny_run.workdir), "--out", str(out)]) == 0
-    return out
+def exported(tiny_export):
+    return tiny_export
 
 
 def test_the_export_holds_everything_sampling_needs_and_a_model_card(exported, tiny_run):

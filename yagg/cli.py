@@ -75,6 +75,11 @@ def _passthrough_commands() -> dict[str, Callable[[Sequence[str]], int | None]]:
 
         return main(argv)
 
+    def serve(argv: Sequence[str]) -> int | None:
+        from serve.main import main
+
+        return main(argv)
+
     def model_info(argv: Sequence[str]) -> int | None:
         from model.info import main
 
@@ -86,6 +91,7 @@ def _passthrough_commands() -> dict[str, Callable[[Sequence[str]], int | None]]:
         "eval": evaluate,
         "sample": sample,
         "export": export,
+        "serve": serve,
         "model-info": model_info,
     }
 
@@ -96,6 +102,7 @@ PASSTHROUGH_HELP = {
     "eval": "sample and score every checkpoint of a run: GIFs, metrics, TensorBoard, HTML gallery (`yagg eval --help`)",
     "sample": "write GIFs for text prompts from a checkpoint or an exported model (see `yagg sample --help`)",
     "export": "write a self-contained model folder from a checkpoint (see `yagg export --help`)",
+    "serve": "serve a model over HTTP: batched generation, jobs with progress, a web page (`yagg serve --help`)",
     "model-info": "parameters, training FLOPs and activation memory of a config's model (`yagg model-info --help`)",
 }
 
