@@ -30,6 +30,7 @@ BENCHMARKS = (
     "loader",
     "train_mfu",
     "sampling",
+    "serve",
     "attention_memory",
     "multiprocess",
     "gpu_mfu",

@@ -47,9 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.norm_groups = 8
     model.dtype = "float32"  # bfloat16 is emulated, hence slow, on CPUs
 
-    # Demo clips are small: on a 2-core CPU a call of 2 costs little more than a call of 1, and wider calls draw no
-    # more clips per second.
-    config.sampling.lanes_per_device = 2
+    # One clip per sampler call: on a 2-core CPU a call of 8 demo clips takes as long as 8 calls of one (bench.serve;
+    # one clip's convolutions already keep both cores busy), so wider calls would only make a lone request wait.
+    config.sampling.lanes_per_device = 1
     config.sampling.num_steps = 25  # 50 scored no better on the shapes probe (README, "What the demo learns")
     # Guidance 2 / 4 / 7.5 on one 600-step checkpoint read colour 0.98 / 0.96 / 0.93 and held-out colour 0.88 / 1.00 /
     # 1.00 (direction 1.00 at all three; 96 samples each): 4 keeps both.

@@ -17,8 +17,9 @@ never on what else is drawn with it:
     other lanes hold changes nothing. As with any XLA program, results are reproduced on the same kind of device and
     number of devices.
 The denoising runs as a Python loop over one compiled step whose step index and timesteps are array inputs: one
-compilation (per method) serves every step count, progress can be reported step by step, and a call can be cancelled
-between steps. Guidance and eta are per-lane inputs, so clips with different values share a call.
+compilation serves every step count, progress can be reported step by step, and a call can be cancelled between
+steps. Guidance, eta and the method (DDIM or DDPM) are per-lane inputs, so clips with different values share a call;
+clips share a call when their step counts agree.
 """
 
 from __future__ import annotations
@@ -71,13 +72,14 @@ class Cancelled(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One clip to draw. Requests with the same step count and method can share a call."""
+    """One clip to draw. Requests with the same step count can share a call."""
 
     prompt: str
     seed: int
     guidance: float
     eta: float = 0.0
     negative_prompt: str | None = None
+    method: str = "ddim"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,24 +281,18 @@ class Generator:
         e = d.eta if eta is None else eta
         negatives = negative_prompts or [None] * len(prompts)
         requests = [
-            Request(prompt=p, seed=int(s), guidance=g, eta=e, negative_prompt=n)
+            Request(prompt=p, seed=int(s), guidance=g, eta=e, negative_prompt=n, method=method or d.method)
             for p, s, n in zip(prompts, seeds, negatives, strict=True)
         ]
-        return self.run(
-            requests,
-            steps=d.steps if steps is None else steps,
-            method=method or d.method,
-            progress=progress,
-            cancelled=cancelled,
-        )
+        return self.run(requests, steps=d.steps if steps is None else steps, progress=progress, cancelled=cancelled)
 
-    def check(self, requests: Sequence[Request], steps: int, method: str) -> None:
+    def check(self, requests: Sequence[Request], steps: int) -> None:
         """GenerateError for the first request or setting that cannot be drawn (before any work starts)."""
-        if method not in METHODS:
-            raise GenerateError(f"unknown sampling method {method!r}; choose one of {METHODS}")
         if not 1 <= steps <= self.schedule.num_timesteps:
             raise GenerateError(f"steps must be in [1, {self.schedule.num_timesteps}], got {steps}")
         for r in requests:
+            if r.method not in METHODS:
+                raise GenerateError(f"unknown sampling method {r.method!r}; choose one of {METHODS}")
             if not 0 <= r.seed <= MAX_SEED:
                 raise GenerateError(f"seed must be in [0, {MAX_SEED}], got {r.seed}")
             if not np.isfinite(r.guidance):
@@ -315,14 +311,13 @@ class Generator:
         requests: Sequence[Request],
         *,
         steps: int,
-        method: str,
         progress: Callable[[int, int], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> Clips:
         """Draws one clip per request in calls of `width` lanes (see the module doc); the lower-level `generate`."""
         if not requests:
             raise GenerateError("nothing to generate: give at least one prompt")
-        self.check(requests, steps, method)
+        self.check(requests, steps)
         timesteps = sampling_timesteps(self.schedule.num_timesteps, steps)
         previous = previous_timesteps(timesteps)
         calls = range(0, len(requests), self.width)
@@ -334,7 +329,7 @@ class Generator:
                 if progress is not None:
                     progress(k * steps + done, len(calls) * steps)
 
-            x = self._draw(lanes, timesteps, previous, method, report if progress else None, cancelled)
+            x = self._draw(lanes, timesteps, previous, report if progress else None, cancelled)
             out.append(x[: min(self.width, len(requests) - start)])
         return Clips(raw=np.concatenate(out), fps=self.facts.fps, step=self.step)
 
@@ -343,7 +338,6 @@ class Generator:
         lanes: Sequence[Request],
         timesteps: np.ndarray,
         previous: np.ndarray,
-        method: str,
         progress: Callable[[int], None] | None,
         cancelled: Callable[[], bool] | None,
     ) -> np.ndarray:
@@ -354,25 +348,23 @@ class Generator:
         uncond = place(_stack([self._text.get(r.negative_prompt) if r.negative_prompt else null for r in lanes]))
         guidance = place(np.array([r.guidance for r in lanes], np.float32))
         eta = place(np.array([r.eta for r in lanes], np.float32))
+        method = place(np.array([METHODS.index(r.method) for r in lanes], np.int32))
         x, noise_keys = c.init(place(np.array([r.seed for r in lanes], np.uint32)))
-        step_fn = c.step(method)
         for i, (t, t_prev) in enumerate(zip(timesteps, previous, strict=True)):
             if cancelled is not None and cancelled():
                 raise Cancelled(f"cancelled before step {i + 1} of {len(timesteps)}")
-            x = step_fn(self.params, x, noise_keys, cond, uncond, guidance, eta, np.int32(i), t, t_prev)
+            x = c.step(self.params, x, noise_keys, cond, uncond, guidance, eta, method, np.int32(i), t, t_prev)
             if progress is not None:
                 x.block_until_ready()
                 progress(i + 1)
         return np.asarray(c.gather(x))
 
-    def warm_up(self, methods: Sequence[str] = METHODS) -> None:
-        """Compiles everything a call needs (the text tower at every caption-length bucket, the initial noise, each
-        method's step, the gather) by drawing one clip of one step per method, so no later request waits for a
-        compilation: the step count, guidance, eta and seeds are inputs of those programs, not part of them."""
+    def warm_up(self) -> None:
+        """Compiles everything a call needs (the text tower at every caption-length bucket, the initial noise, the
+        step, the gather) by drawing one clip of one step, so no later request waits for a compilation: the step
+        count, method, guidance, eta and seeds are inputs of those programs, not part of them."""
         self.conditioner.warm_up()
-        prompt = "warm-up"
-        for method in methods:
-            self.run([Request(prompt=prompt, seed=0, guidance=self.defaults.guidance)], steps=1, method=method)
+        self.run([Request(prompt="warm-up", seed=0, guidance=self.defaults.guidance)], steps=1)
 
 
 def _stack(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -430,43 +422,27 @@ class _Compiled:
 
         self.init = jax.jit(init, in_shardings=replicated, out_shardings=(lanes, lanes))
 
-        def step(method: str) -> Callable[..., jax.Array]:
-            def lane(params, x, noise_key, cond, uncond, guidance, eta, i, t, t_prev):
-                single = {k: v[None] for k, v in model_condition(cond).items()}
-                null = {k: v[None] for k, v in model_condition(uncond).items()}
-                predict = guided_predict_fn(model.apply, params, single, guidance, null=null)
-                x = denoise_step(predict, x[None], i, t, t_prev, noise_key, schedule=schedule, method=method, eta=eta)
-                return x[0]
+        def lane(params, x, noise_key, cond, uncond, guidance, eta, method, i, t, t_prev):
+            single = {k: v[None] for k, v in model_condition(cond).items()}
+            null = {k: v[None] for k, v in model_condition(uncond).items()}
+            predict = guided_predict_fn(model.apply, params, single, guidance, null=null)
+            x = denoise_step(predict, x[None], i, t, t_prev, noise_key, schedule=schedule, method=method, eta=eta)
+            return x[0]
 
-            batched = jax.vmap(lane, in_axes=(None, 0, 0, 0, 0, 0, 0, None, None, None))
+        batched = jax.vmap(lane, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, None, None, None))
 
-            def constrained(params, x, noise_key, cond, uncond, guidance, eta, i, t, t_prev):
-                # The small per-lane inputs arrive replicated (host arrays); the lanes are split over the devices.
-                shard = lambda tree: jax.lax.with_sharding_constraint(tree, lanes)  # noqa: E731
-                return batched(
-                    params, x, shard(noise_key), shard(cond), shard(uncond), shard(guidance), shard(eta), i, t, t_prev
-                )
+        def step(params, x, noise_key, cond, uncond, guidance, eta, method, i, t, t_prev):
+            # The small per-lane inputs arrive replicated (host arrays); the lanes are split over the devices.
+            shard = lambda tree: jax.lax.with_sharding_constraint(tree, lanes)  # noqa: E731
+            per_lane = [shard(v) for v in (noise_key, cond, uncond, guidance, eta, method)]
+            return batched(params, x, *per_lane, i, t, t_prev)
 
-            return jax.jit(
-                constrained,
-                in_shardings=(
-                    param_shardings,
-                    lanes,
-                    lanes,
-                    replicated,
-                    replicated,
-                    replicated,
-                    replicated,
-                    None,
-                    None,
-                    None,
-                ),
-                out_shardings=lanes,
-                donate_argnums=1,
-            )
-
-        self._steps = {method: step(method) for method in METHODS}
-        self.step = self._steps.__getitem__
+        self.step = jax.jit(
+            step,
+            in_shardings=(param_shardings, lanes, *[replicated] * 6, None, None, None),
+            out_shardings=lanes,
+            donate_argnums=1,
+        )
         # Replicated clips: every process holds all of them, so process 0 can write them without a gather of its own.
         self.gather = jax.jit(lambda x: x, out_shardings=replicated)
 

@@ -103,14 +103,16 @@ def denoise_step(
     noise_key: jax.Array,
     *,
     schedule: Schedule,
-    method: str,
+    method: str | jax.Array,
     eta: float | jax.Array = 0.0,
     clip_x0: float | None = None,
 ) -> jax.Array:
     """Step `i` of a sampler (see `sample`): from x at timestep `t` to timestep `t_prev` (-1 on the last step).
 
     `i`, `t` and `t_prev` may be traced scalars, so one compiled step serves every step of every step count; so may
-    `eta`. The step's noise is `fold_in(noise_key, i)`.
+    `eta`. `method` is a name of METHODS, or a traced index into METHODS (both updates are computed and one is kept:
+    they are a few elementwise operations against the model's forward pass). The step's noise is
+    `fold_in(noise_key, i)`.
     """
     batch = x.shape[0]
     last = t_prev < 0  # the final step, to x0, where alpha-bar is 1
@@ -125,9 +127,13 @@ def denoise_step(
         x0 = jnp.clip(x0, -clip_x0, clip_x0)
         eps = (x - a_t * x0) / s_t
     z = jax.random.normal(jax.random.fold_in(noise_key, i), x.shape, jnp.float32)
-    if method == "ddim":
-        return _ddim_update(x0, eps, z, a_t, s_t, a_prev, s_prev, eta)
-    return _posterior_update(x, x0, z, a_t, s_t, a_prev, s_prev)
+    if isinstance(method, str):
+        if method == "ddim":
+            return _ddim_update(x0, eps, z, a_t, s_t, a_prev, s_prev, eta)
+        return _posterior_update(x, x0, z, a_t, s_t, a_prev, s_prev)
+    ddim = _ddim_update(x0, eps, z, a_t, s_t, a_prev, s_prev, eta)
+    ddpm = _posterior_update(x, x0, z, a_t, s_t, a_prev, s_prev)
+    return jnp.where(method == METHODS.index("ddpm"), ddpm, ddim)
 
 
 def _ddim_update(

@@ -313,9 +313,8 @@ def _submit(state: _State, body: GenerateBody, *, key: str | None, route: str) -
     from inference.generator import GenerateError, Request
 
     try:  # prompt lengths (and any other refusal of the model's) before the job exists
-        generator.check(
-            [Request(spec.prompt, spec.seed, spec.guidance, spec.eta, spec.negative_prompt)], spec.steps, spec.method
-        )
+        request = Request(spec.prompt, spec.seed, spec.guidance, spec.eta, spec.negative_prompt, spec.method)
+        generator.check([request], spec.steps)
     except GenerateError as e:
         state.metrics.requests.labels(route, "invalid").inc()
         raise _invalid("negative_prompt" if "negative" in str(e) else "prompt", str(e)) from e

@@ -2,9 +2,9 @@
 
 Steps: point JAX at the persistent compilation cache (so a restart loads compiled programs instead of compiling) ->
 load the parameters (an export, or a workdir's newest finished checkpoint) -> compile every call a request can need
-(`Generator.warm_up`: each text length bucket, each allowed method's step; step counts, guidance, eta and seeds are
-inputs, so no request compiles anything) -> start the scheduler -> ready. With --follow, the same thread then watches
-the workdir and swaps in each newly finished checkpoint between batches.
+(`Generator.warm_up`: each text length bucket and the denoising step; step counts, methods, guidance, eta and seeds
+are inputs, so no request compiles anything) -> start the scheduler -> ready. With --follow, the same thread then
+watches the workdir and swaps in each newly finished checkpoint between batches.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def load_and_warm_up(state: Any, stop: threading.Event) -> None:
         kind, source = ("model", s.model) if s.model else ("workdir", s.workdir)
         generator = Generator.load(source, kind=kind, lanes_per_device=lanes)
         log.info("loaded %s (step %d); compiling for %d clips per call", source, generator.step, generator.width)
-        generator.warm_up(s.methods)
+        generator.warm_up()
     except (GenerateError, ReadError, MeshError, OSError, ValueError) as e:
         state.status, state.detail = "failed", str(e)
         log.error("cannot serve: %s", e)

@@ -3,10 +3,10 @@
 Queue. Each job's clips wait in one first-in-first-out queue, at most `max_queue` clips in all (a submit that does not
 fit is refused: the server answers 429). A job whose client went away, was cancelled or timed out is skipped.
 
-Batches. The oldest waiting clip decides what runs next: its step count and method (the compiled call's loop and
-step function), with up to `max_batch` - 1 later clips that share them, in arrival order. If fewer are waiting, the
-scheduler waits up to `batch_wait_s` after the oldest clip arrived for more. The oldest clip always goes first, so no
-request starves. Guidance, eta, seeds, prompts and negative prompts differ freely within a call (they are per-lane
+Batches. The oldest waiting clip decides what runs next: its step count (the length of the call's denoising loop),
+with up to `max_batch` - 1 later clips of the same step count, in arrival order. If fewer are waiting, the scheduler
+waits up to `batch_wait_s` after the oldest clip arrived for more. The oldest clip always goes first, so no request
+starves. Methods, guidance, eta, seeds, prompts and negative prompts differ freely within a call (they are per-lane
 inputs of the inference core), and every clip is computed in a call of the same width, so a client gets the bytes it
 would have got alone.
 
@@ -176,8 +176,7 @@ class Scheduler:
                     self._lock.wait()
                     continue
                 head, _, arrived = self._queue[0]
-                key = (head.spec.steps, head.spec.method)
-                same = [item for item in self._queue if (item[0].spec.steps, item[0].spec.method) == key]
+                same = [item for item in self._queue if item[0].spec.steps == head.spec.steps]
                 wait = arrived + self._batch_wait_s - time.monotonic()
                 if len(same) < self.max_batch and wait > 0:
                     self._lock.wait(wait)
@@ -216,6 +215,7 @@ class Scheduler:
                 guidance=job.spec.guidance,
                 eta=job.spec.eta,
                 negative_prompt=job.spec.negative_prompt,
+                method=job.spec.method,
             )
             for job, index in batch
         ]
@@ -229,7 +229,6 @@ class Scheduler:
             clips = generator.run(
                 requests,
                 steps=spec.steps,
-                method=spec.method,
                 progress=progress,
                 cancelled=lambda: all(job.finished_state for job in jobs),
             )

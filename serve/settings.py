@@ -49,9 +49,7 @@ class ServeSettings:
     )
     max_steps: int = _setting(100, "the most denoising steps a request may ask for", type=int)
     max_num: int = _setting(4, "the most clips one request may ask for", type=int)
-    methods: tuple[str, ...] = _setting(
-        ("ddim", "ddpm"), "samplers requests may use, each compiled before the server is ready", nargs="+"
-    )
+    methods: tuple[str, ...] = _setting(("ddim", "ddpm"), "samplers requests may use", nargs="+")
     request_timeout_s: float = _setting(
         300.0, "a request not done within this many seconds fails (504 for /v1/generate)", type=float
     )

@@ -68,12 +68,19 @@ def test_a_clip_never_depends_on_what_else_is_drawn_with_it(generator):
     np.testing.assert_array_equal(together.raw[1], alone.raw[0])
     last = generator.generate([prompts[2]], [11], steps=2)
     np.testing.assert_array_equal(together.raw[11], last.raw[0])
-    # Settings travel per clip: a call mixing guidance values gives each clip what it would get alone.
+    # Settings travel per clip: a call mixing guidance values and methods gives each clip what it would get alone.
     mixed = generator.run(
-        [Request(RED_LEFT, seed=3, guidance=1.0), Request(RED_LEFT, seed=3, guidance=6.0)], steps=2, method="ddim"
+        [
+            Request(RED_LEFT, seed=3, guidance=1.0),
+            Request(RED_LEFT, seed=3, guidance=6.0),
+            Request(RED_LEFT, seed=3, guidance=6.0, method="ddpm"),
+        ],
+        steps=2,
     )
     np.testing.assert_array_equal(mixed.raw[1], generator.generate([RED_LEFT], [3], steps=2, guidance=6.0).raw[0])
-    assert not np.array_equal(mixed.raw[0], mixed.raw[1])
+    ddpm = generator.generate([RED_LEFT], [3], steps=2, guidance=6.0, method="ddpm").raw[0]
+    np.testing.assert_array_equal(mixed.raw[2], ddpm)
+    assert not np.array_equal(mixed.raw[0], mixed.raw[1]) and not np.array_equal(mixed.raw[1], mixed.raw[2])
 
 
 def test_negative_prompts_take_the_place_of_the_null_condition(generator):

@@ -55,7 +55,7 @@ class SampleWriter:
         # Fails now, not at the first sample, on a prompt the text encoder cannot read or a bad sampling setting.
         d = self._generator.defaults
         self._generator.check(
-            [Request(prompt=p, seed=self.seed, guidance=d.guidance, eta=d.eta) for p in self.prompts], d.steps, d.method
+            [Request(p, self.seed, d.guidance, d.eta, method=d.method) for p in self.prompts], d.steps
         )
 
     def __call__(self, step: int, ema_params: Any, logger: MetricsLogger) -> Path | None:
