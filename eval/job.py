@@ -240,7 +240,7 @@ class _Job:
         ctx = evaluators_lib.EvalContext(
             step=step, params=params, prompts=p.prompts, seeds=p.seeds, clips=clips, targets=p.targets
         )
-        scores: dict[str, float | str] = {}
+        scores: dict[str, float | int | str] = {}
         per_sample: list[dict[str, float]] = [{} for _ in p.prompts]
         for evaluator in self.evaluators:
             scores.update(evaluator.run(ctx))
@@ -255,7 +255,7 @@ class _Job:
         return True
 
     def _write(
-        self, step: int, pixels: np.ndarray, scores: dict[str, float | str], per_sample: list[dict[str, float]]
+        self, step: int, pixels: np.ndarray, scores: dict[str, float | int | str], per_sample: list[dict[str, float]]
     ) -> None:
         folder = self.eval_dir / str(step)
         folder.mkdir(parents=True, exist_ok=True)

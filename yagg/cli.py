@@ -75,7 +75,19 @@ def _passthrough_commands() -> dict[str, Callable[[Sequence[str]], int | None]]:
 
         return main(argv)
 
-    return {"preprocess": preprocess, "train": train, "eval": evaluate, "sample": sample, "model-info": model_info}
+    def fvd(argv: Sequence[str]) -> int | None:
+        from eval.main import main_fvd
+
+        return main_fvd(argv)
+
+    return {
+        "preprocess": preprocess,
+        "train": train,
+        "eval": evaluate,
+        "sample": sample,
+        "model-info": model_info,
+        "fvd": fvd,
+    }
 
 
 PASSTHROUGH_HELP = {
@@ -84,6 +96,7 @@ PASSTHROUGH_HELP = {
     "eval": "sample and score every checkpoint of a run: GIFs, metrics, TensorBoard, HTML gallery (`yagg eval --help`)",
     "sample": "write GIFs for text prompts from a checkpoint (see `yagg sample --help`)",
     "model-info": "parameters, training FLOPs and activation memory of a config's model (`yagg model-info --help`)",
+    "fvd": "Fréchet Video Distance (Kinetics-400 I3D) between two sets of GIFs or datasets (see `yagg fvd --help`)",
 }
 
 
