@@ -48,7 +48,8 @@ from pipeline.frames import select_frames
 # below 401 clips the 400 x 400 covariance is singular.
 SMALL_N = 2048
 SQRTM = "eigh"  # how eval/frechet.py takes matrix square roots: symmetric eigen-decomposition, negatives clipped
-# Bump when anything that changes cached features changes (preprocessing, the feature definition).
+# Bump when anything that turns the same bytes into other features changes (the GIF decoder or frame choice, the
+# resize, the feature definition): cached features are keyed by input bytes, protocol and weights only.
 FEATURES_VERSION = 1
 
 
@@ -336,6 +337,7 @@ class Progress:
         self.started = self._last = time.perf_counter()
         self.tty = stream.isatty()
         self.done = 0
+        self._written = -1  # `done` at the last line written
 
     def __call__(self, done: int) -> None:
         self.done = done
@@ -346,7 +348,8 @@ class Progress:
 
     def finish(self) -> None:
         """The last line: clips done (fewer than the total when inputs were skipped) and the overall rate."""
-        self._write(time.perf_counter())
+        if self.tty or self._written != self.done:
+            self._write(time.perf_counter())
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
@@ -358,3 +361,4 @@ class Progress:
         line = f"{self.label}: [{bar}] {self.done}/{self.total} clips, {rate:.2f} clips/s"
         self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
         self.stream.flush()
+        self._written = self.done
