@@ -353,10 +353,10 @@ def build_fvd(e: ml_collections.ConfigDict, val_paths: Sequence[str], num_sample
         features = fvd_lib.set_features(
             reference, extractor, fvd_lib.FeatureCache(cache_dir), write_cache=jax.process_index() == 0
         )
-    except WeightsError as e:
-        raise ConfigError(f'eval.evaluators has "fvd": {e} (or drop "fvd" from eval.evaluators)') from e
-    except fvd_lib.FvdError as e:
-        raise ConfigError(f"fvd: {e}") from e
+    except WeightsError as error:
+        raise ConfigError(f'eval.evaluators has "fvd": {error} (or drop "fvd" from eval.evaluators)') from error
+    except fvd_lib.FvdError as error:
+        raise ConfigError(f"fvd: {error}") from error
     how = "read from the cache" if features.cached else f"computed in {features.seconds:.1f} s"
     log.info("fvd: %d validation clips' features %s; protocol %s", features.n, how, protocol.describe())
     return Fvd(extractor, features, num_samples)

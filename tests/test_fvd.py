@@ -29,6 +29,9 @@ try:
 except WeightsError as e:
     NO_WEIGHTS = str(e)
 needs_i3d = pytest.mark.skipif(NO_WEIGHTS is not None, reason=f"{NO_WEIGHTS}")
+# One pytest-xdist worker runs this module (`make test` passes --dist loadgroup), so the module-scoped I3D and its
+# features are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("i3d")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
