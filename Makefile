@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q -n auto tests
+	$(BIN)/pytest -q -n auto --dist loadgroup tests
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check --fix .

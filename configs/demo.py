@@ -66,7 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
     # `yagg eval`: every colour x direction pair, held-out ones included, so the shapes probe can score them all.
     config.eval.prompts = "shapes"
     config.eval.samples_per_prompt = 2  # 40 + 8 clips: one sample per prompt leaves the probe's accuracies +-0.1
-    config.eval.evaluators = ("val_loss", "video", "probe", "clipsim", "frechet")
+    # No "fvd": the I3D at 224 x 224 takes seconds per clip on a CPU, most of an eval pass (README, "Evaluation ->
+    # FVD"); add it with --config.eval.evaluators="('val_loss','video','probe','clipsim','frechet_clip','fvd')".
+    config.eval.evaluators = ("val_loss", "video", "probe", "clipsim", "frechet_clip")
     config.eval.poll_seconds = 10.0  # checkpoints come every few minutes on a CPU
 
     # Plain MSE on v, not min-SNR: min-SNR weights the high-noise timesteps, where a clip's layout and motion are

@@ -1,25 +1,32 @@
-"""The eval job's scores: one small interface and the five evaluators, built from `config.eval`.
+"""The eval job's scores: one small interface and the six evaluators, built from `config.eval`.
 
-An evaluator is built once per eval job, loading what it needs up front (validation clips, a CLIP), and then run once
-per checkpoint on an `EvalContext`: the checkpoint's EMA parameters and the clips generated from them. `run` yields
-`(name, value)` pairs: floats are scores (metrics.jsonl and TensorBoard); strings are labels that say how a score was
-made (metrics.jsonl only, e.g. `clipsim/backbone`). `per_sample` gives scores per generated clip for samples.json.
-The shape of big_vision's `evaluators/common.py`, without its registry: `build_evaluators` names the five.
+An evaluator is built once per eval job, loading what it needs up front (validation clips, a CLIP, the I3D), and then
+run once per checkpoint on an `EvalContext`: the checkpoint's EMA parameters and the clips generated from them. `run`
+yields `(name, value)` pairs: floats are scores (metrics.jsonl, TensorBoard and the gallery's curves); ints are counts
+that say what a score was computed from (metrics.jsonl and the gallery, e.g. `fvd/n`); strings are labels that say how
+a score was made (e.g. `clipsim/backbone`, `fvd/protocol`), and a label named `.../warning` is shown as a warning in
+the gallery. `per_sample` gives scores per generated clip for samples.json.
+The shape of big_vision's `evaluators/common.py`, without its registry: `build_evaluators` names the six.
 
-  val_loss  the denoising loss on the `val` split at fixed timestep buckets (`ValLoss`)
-  video     weight-free video metrics of the generated clips (eval/video_metrics.py)
-  probe     the shapes probe (eval/probe.py): colour and direction accuracy, training vs held-out combinations;
-            only with `eval.prompts = "shapes"`, which says what every clip should show
-  clipsim   CLIPSIM (Wu et al. 2021, "GODIVA", sec. 4.1): the mean cosine similarity between the prompt's CLIP text
-            embedding and each frame's CLIP image embedding
-  frechet   Fréchet distance (eval/frechet.py) between generated and validation clips, each clip represented by the
-            mean of its frames' L2-normalised CLIP image embeddings (one vector per clip, so frame count and motion
-            do not weigh in; the FVD idea with a CLIP backbone instead of I3D, as "CLIP-FID" is to FID)
+  val_loss      the denoising loss on the `val` split at fixed timestep buckets (`ValLoss`)
+  video         weight-free video metrics of the generated clips (eval/video_metrics.py)
+  probe         the shapes probe (eval/probe.py): colour and direction accuracy, training vs held-out combinations;
+                only with `eval.prompts = "shapes"`, which says what every clip should show
+  clipsim       CLIPSIM (Wu et al. 2021, "GODIVA", sec. 4.1) as `clipsim/cos`: the raw cosine similarity (in [-1, 1];
+                not x100, not clipped at 0 as CLIPScore is) between the prompt's CLIP text embedding and each frame's
+                CLIP image embedding, averaged over frames, then over clips; the CLIP is named in `clipsim/backbone`
+  frechet_clip  Fréchet distance (eval/frechet.py) between generated and validation clips, each clip represented by
+                the mean of its frames' L2-normalised CLIP image embeddings (one vector per clip, so frame count and
+                motion do not weigh in; the FVD idea with a CLIP image backbone, as "CLIP-FID" is to FID). No paper
+                reports it; it is a cheap trend line, not FVD
+  fvd           Fréchet Video Distance (eval/fvd.py) between generated and validation clips with the Kinetics-400 I3D
+                of the reference FVD; `fvd/n` and `fvd/n_ref` clips, `fvd/protocol` says how (`Fvd`)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -33,6 +40,7 @@ import numpy as np
 from contracts import records, storage
 from contracts.conditioning import model_condition
 from contracts.media import frames_to_model, to_uint8
+from eval import fvd as fvd_lib
 from eval.frechet import frechet_distance
 from eval.probe import detect_color, detect_direction, probe_scores
 from eval.video_metrics import video_metrics
@@ -41,7 +49,9 @@ from parallel import mesh as mesh_lib
 from pipeline.shapes import HELDOUT
 from yagg.config import ConfigError
 
-EVALUATORS = ("val_loss", "video", "probe", "clipsim", "frechet")
+log = logging.getLogger(__name__)
+
+EVALUATORS = ("val_loss", "video", "probe", "clipsim", "frechet_clip", "fvd")
 # What ValLoss reads from each validation record (the train step's inputs).
 VAL_FIELDS = ("frames", *CONDITION_KEYS)
 
@@ -71,7 +81,7 @@ class EvalContext:
 
 
 class Evaluator(Protocol):
-    def run(self, ctx: EvalContext) -> Iterable[tuple[str, float | str]]:
+    def run(self, ctx: EvalContext) -> Iterable[tuple[str, float | int | str]]:
         """The scores of one checkpoint."""
 
     def per_sample(self, ctx: EvalContext) -> Mapping[str, Sequence[float]]:
@@ -256,7 +266,8 @@ def _generated_frame_embeddings(ctx: EvalContext, clip: ClipModel) -> np.ndarray
 
 
 class ClipSim:
-    """CLIPSIM per sample (mean over frames of cos(text, frame)) and its mean over samples, with the backbone's name."""
+    """CLIPSIM per sample (mean over frames of cos(text, frame)) and its mean over samples (`clipsim/cos`, raw cosine),
+    with the backbone's name."""
 
     def __init__(self, clip: ClipModel) -> None:
         self._clip = clip
@@ -270,15 +281,15 @@ class ClipSim:
         return np.einsum("nfd,nd->nf", frames, self._text[prompts]).mean(axis=1)
 
     def run(self, ctx: EvalContext) -> Iterable[tuple[str, float | str]]:
-        yield "clipsim", float(ctx.memo("clipsim", lambda: self._similarities(ctx)).mean())
+        yield "clipsim/cos", float(ctx.memo("clipsim", lambda: self._similarities(ctx)).mean())
         yield "clipsim/backbone", self._clip.name
 
     def per_sample(self, ctx: EvalContext) -> Mapping[str, Sequence[float]]:
-        return {"clipsim": [float(s) for s in ctx.memo("clipsim", lambda: self._similarities(ctx))]}
+        return {"clipsim/cos": [float(s) for s in ctx.memo("clipsim", lambda: self._similarities(ctx))]}
 
 
-class Frechet:
-    """Fréchet distance between generated and validation clips on mean-pooled CLIP frame embeddings (`frechet/clip`).
+class FrechetClip:
+    """Fréchet distance between generated and validation clips on mean-pooled CLIP frame embeddings (`frechet_clip`).
 
     With fewer clips than embedding dimensions the covariances are rank-deficient; eval/frechet.py handles that, but
     the value then depends on the number of clips: compare runs evaluated with the same counts.
@@ -291,11 +302,66 @@ class Frechet:
 
     def run(self, ctx: EvalContext) -> Iterable[tuple[str, float | str]]:
         generated = _generated_frame_embeddings(ctx, self._clip).mean(axis=1)
-        yield "frechet/clip", frechet_distance(generated, self._reference)
-        yield "frechet/backbone", self._clip.name
+        yield "frechet_clip", frechet_distance(generated, self._reference)
+        yield "frechet_clip/backbone", self._clip.name
 
     def per_sample(self, ctx: EvalContext) -> Mapping[str, Sequence[float]]:
         return {}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FVD.
+
+
+class Fvd:
+    """FVD between the generated clips and the validation split's (eval/fvd.py), with what it was computed from.
+
+    The validation side is computed once per job, or read from the feature cache, where process 0 stores it keyed by
+    the shards' content, so a second eval job on the same dataset skips it. Every process computes the same features
+    (the I3D runs on each process's default device, unsharded); only the generated side is computed per checkpoint.
+    """
+
+    def __init__(self, extractor: fvd_lib.I3DFeatures, reference: fvd_lib.SetFeatures, num_samples: int) -> None:
+        self._extractor = extractor
+        self._reference = reference
+        self._warning = fvd_lib.small_n_warning(num_samples, reference.n)
+        if self._warning:
+            log.warning("fvd: %s", self._warning)
+
+    def run(self, ctx: EvalContext) -> Iterable[tuple[str, float | int | str]]:
+        generated = self._extractor(ctx.pixels)
+        yield "fvd", fvd_lib.fvd(generated, self._reference.features)
+        yield "fvd/n", len(generated)
+        yield "fvd/n_ref", self._reference.n
+        yield "fvd/protocol", self._extractor.protocol.describe()
+        if self._warning:
+            yield "fvd/warning", self._warning
+
+    def per_sample(self, ctx: EvalContext) -> Mapping[str, Sequence[float]]:
+        return {}
+
+
+def build_fvd(e: ml_collections.ConfigDict, val_paths: Sequence[str], num_samples: int) -> Fvd:
+    """The `fvd` evaluator from `config.eval`; ConfigError for settings or weights that cannot work."""
+    from eval.i3d_weights import WeightsError
+    from eval.video_sets import dataset_set
+
+    cache_dir = e.fvd_cache or fvd_lib.default_cache_dir()
+    try:
+        protocol = fvd_lib.make_protocol(e.fvd_protocol, frames=e.fvd_frames, max_clips=e.fvd_max_clips)
+        extractor = fvd_lib.I3DFeatures(protocol, cache_dir=cache_dir, batch_size=int(e.batch_size))
+        reference = dataset_set(val_paths, "the validation split", protocol.max_clips)
+        log.info("fvd: features of %d validation clip(s) at most (cached under %s)", reference.expected, cache_dir)
+        features = fvd_lib.set_features(
+            reference, extractor, fvd_lib.FeatureCache(cache_dir), write_cache=jax.process_index() == 0
+        )
+    except WeightsError as error:
+        raise ConfigError(f'eval.evaluators has "fvd": {error} (or drop "fvd" from eval.evaluators)') from error
+    except fvd_lib.FvdError as error:
+        raise ConfigError(f"fvd: {error}") from error
+    how = "read from the cache" if features.cached else f"computed in {features.seconds:.1f} s"
+    log.info("fvd: %d validation clips' features %s; protocol %s", features.n, how, protocol.describe())
+    return Fvd(extractor, features, num_samples)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -316,7 +382,7 @@ def build_evaluators(
 ) -> list[Evaluator]:
     """The evaluators `config.eval.evaluators` names, in that order; ConfigError for a list that cannot work.
 
-    `val_paths` are the val split's shards, `clip_name` the CLIP for clipsim/frechet (config.eval.clip, or the
+    `val_paths` are the val split's shards, `clip_name` the CLIP for clipsim/frechet_clip (config.eval.clip, or the
     dataset's text encoder), `num_samples` the number of clips generated per checkpoint.
     """
     e = config.eval
@@ -326,19 +392,22 @@ def build_evaluators(
         raise ConfigError(f"eval.evaluators: unknown evaluator(s) {unknown}; choose from {EVALUATORS}")
     if "probe" in names and not shapes_prompts:
         raise ConfigError('eval.evaluators has "probe", which needs eval.prompts="shapes" (it knows no other targets)')
-    if "frechet" in names and num_samples < 2:
-        raise ConfigError(f"frechet needs at least 2 generated clips per checkpoint, eval.prompts gives {num_samples}")
+    too_few = [n for n in ("frechet_clip", "fvd") if n in names and num_samples < 2]
+    if too_few:
+        raise ConfigError(
+            f"{too_few[0]} needs at least 2 generated clips per checkpoint, eval.prompts gives {num_samples}"
+        )
 
     val: dict[str, np.ndarray] = {}
-    if {"val_loss", "frechet"} & set(names):
+    if {"val_loss", "frechet_clip"} & set(names):
         val = load_val_examples(val_paths, int(e.val_batches) * int(e.batch_size))
         count = len(val.get("frames", ()))
         if count < 2:
             raise ConfigError(
-                f"val_loss and frechet need at least 2 validation examples, but the dataset's val split has {count}: "
-                "preprocess with a larger --val-fraction, or drop them from eval.evaluators"
+                f"val_loss and frechet_clip need at least 2 validation examples, but the dataset's val split has "
+                f"{count}: preprocess with a larger --val-fraction, or drop them from eval.evaluators"
             )
-    clip = ClipModel(clip_name) if {"clipsim", "frechet"} & set(names) else None
+    clip = ClipModel(clip_name) if {"clipsim", "frechet_clip"} & set(names) else None
 
     def build(name: str) -> Evaluator:
         if name == "val_loss":
@@ -360,6 +429,8 @@ def build_evaluators(
             return ShapesProbe()
         if name == "clipsim":
             return ClipSim(clip)
-        return Frechet(clip, val["frames"])
+        if name == "frechet_clip":
+            return FrechetClip(clip, val["frames"])
+        return build_fvd(e, val_paths, num_samples)
 
     return [build(name) for name in names]

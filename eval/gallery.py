@@ -4,8 +4,9 @@ It reads only what the eval job wrote:
   DIR/eval/metrics.jsonl        one JSON object per evaluated step ({"step": N, "<name>": value, ...});
   DIR/eval/STEP/samples.json    [{"file": "<gif name in that folder>", "prompt": ..., "seed": ..., "scores": {...}}].
 The page is self-contained (inline CSS and SVG, no scripts, no network), references GIFs by paths relative to itself
-(so the folder can be copied or served anywhere), shows one metric curve per scalar, then one section per step, newest
-first, with each sample's GIF, prompt, seed and scores.
+(so the folder can be copied or served anywhere), shows one metric curve per score (float), then one section per step,
+newest first: its scores and counts (ints, e.g. `fvd/n`), its labels (strings, e.g. `fvd/protocol`), any warnings
+(labels named `.../warning`, e.g. an FVD from few clips) and each sample's GIF, prompt, seed and scores.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
 .sample { width: 200px; font-size: 0.85em; }
 .sample img { width: 192px; height: 192px; image-rendering: pixelated; display: block; background: #000; }
 table.scores td { padding: 0 4px; } .value { text-align: right; font-variant-numeric: tabular-nums; }
+.labels { color: #555; font-size: 0.9em; }
+.warning { background: #fff4d6; border-left: 4px solid #d99a00; padding: 4px 8px; }
 """
 
 _CURVE_W, _CURVE_H, _PAD = 260, 120, 28
@@ -80,18 +83,29 @@ def write_gallery(eval_dir: str | Path, title: str = "yagg evaluation") -> Path:
     """Rebuilds `eval_dir/index.html` from metrics.jsonl and the per-step samples.json files; returns its path."""
     eval_dir = Path(eval_dir)
     rows = sorted(read_rows(str(eval_dir)), key=lambda r: r["step"])
-    names = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, int | float)})
-    curves = "".join(_curve_svg(n, [(r["step"], r[n]) for r in rows if n in r]) for n in names)
+    scores = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, float)})
+    curves = "".join(_curve_svg(n, [(r["step"], r[n]) for r in rows if n in r]) for n in scores)
     sections = []
     for row in reversed(rows):
         step = row["step"]
         samples_path = eval_dir / str(step) / "samples.json"
         samples = json.loads(samples_path.read_text(encoding="utf-8")) if samples_path.exists() else []
-        summary = ", ".join(f"{html.escape(n)} {_fmt(row[n])}" for n in names if n in row)
+        numbers = [k for k, v in sorted(row.items()) if k != "step" and isinstance(v, int | float)]
+        summary = ", ".join(f"{html.escape(n)} {_fmt(row[n])}" for n in numbers)
+        labels = " · ".join(
+            f"{html.escape(k)}: {html.escape(v)}"
+            for k, v in sorted(row.items())
+            if isinstance(v, str) and not k.endswith("/warning")
+        )
+        warnings = "".join(
+            f'<p class="warning">{html.escape(k)}: {html.escape(v)}</p>'
+            for k, v in sorted(row.items())
+            if isinstance(v, str) and k.endswith("/warning")
+        )
         cards = "".join(_sample_card(step, s) for s in samples)
         sections.append(
-            f'<section id="step-{step}"><h2>Step {step}</h2><p>{summary}</p>'
-            f'<div class="samples">{cards}</div></section>'
+            f'<section id="step-{step}"><h2>Step {step}</h2><p>{summary}</p>{warnings}'
+            f'<p class="labels">{labels}</p><div class="samples">{cards}</div></section>'
         )
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

@@ -214,7 +214,7 @@ class _Job:
         ctx = evaluators_lib.EvalContext(
             step=step, params=params, prompts=p.prompts, seeds=p.seeds, clips=clips.raw, targets=p.targets
         )
-        step_scores: dict[str, float | str] = {}
+        step_scores: dict[str, float | int | str] = {}
         per_sample: list[dict[str, float]] = [{} for _ in p.prompts]
         for evaluator in self.evaluators:
             step_scores.update(evaluator.run(ctx))
@@ -229,7 +229,7 @@ class _Job:
         return True
 
     def _write(
-        self, step: int, clips: Any, step_scores: dict[str, float | str], per_sample: list[dict[str, float]]
+        self, step: int, clips: Any, step_scores: dict[str, float | int | str], per_sample: list[dict[str, float]]
     ) -> None:
         folder = self.eval_dir / str(step)
         folder.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,16 @@ class ClipError(ValueError):
 
 def clip_frames(data: bytes, spec: ClipSpec) -> tuple[np.ndarray, np.ndarray]:
     """Returns (frames uint8 [F, S, S, 3], frame_times_ms float32 [F]) or raises ClipError."""
+    chosen, times_ms = chosen_frames(data, spec)
+    return frames.resize_center_crop(chosen, spec.size), times_ms
+
+
+def chosen_frames(data: bytes, spec: ClipSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The clip's frames before resizing: (uint8 [F, H, W, 3] at the GIF's own size, frame_times_ms float32 [F]).
+
+    Decoding, the refusal of stills and the choice of frames by time are the training clip's; `spec.size` is not
+    used. Raises ClipError. (FVD resizes these frames its own way: eval/fvd.py.)
+    """
     if not gif.is_gif(data):
         # Recognised by its bytes, not its name: hosts serve GIFs as .gifv/.php and JPEGs as .gif.
         raise ClipError("decode", "not a gif", f"starts with {data[:8]!r}")
@@ -58,5 +68,4 @@ def clip_frames(data: bytes, spec: ClipSpec) -> tuple[np.ndarray, np.ndarray]:
             indices, times_ms = frames.select_frames(durations, spec.num_frames, spec.fps)
         except frames.ClipTooShort as e:
             raise ClipError("frames", e.reason, str(e)) from e
-    chosen = decoded.frames[np.asarray(indices)]
-    return frames.resize_center_crop(chosen, spec.size), np.asarray(times_ms, np.float32)
+    return decoded.frames[np.asarray(indices)], np.asarray(times_ms, np.float32)

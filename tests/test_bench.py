@@ -52,5 +52,5 @@ def test_gpu_benchmark_records_why_it_skipped_without_a_gpu(tmp_path):
 
 
 def test_quick_run_names_what_it_leaves_out():
-    assert set(FULL_ONLY) == {"multiprocess"}
+    assert set(FULL_ONLY) == {"multiprocess", "fvd"}
     assert all("make bench" in why for _, why in FULL_ONLY.values())

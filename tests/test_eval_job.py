@@ -56,7 +56,7 @@ def test_tensorboard_has_the_scalars_of_metrics_jsonl(tiny_run):
     rows = _rows(tiny_run.workdir)
     scalars = {k for k, v in rows[0].items() if k != "step" and isinstance(v, float)}
     assert set(accumulator.Tags()["tensors"]) == scalars  # clu writes scalars as tensor summaries
-    for name in ("val/loss", "clipsim"):
+    for name in ("val/loss", "clipsim/cos"):
         logged = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors(name)]
         assert logged == [(r["step"], pytest.approx(r[name])) for r in rows]
 
@@ -66,7 +66,8 @@ def test_each_step_has_a_metrics_row_with_every_evaluator(tiny_run):
     assert [r["step"] for r in rows] == [2, 4]
     buckets = ["val/loss_t00-24", "val/loss_t25-49", "val/loss_t50-74", "val/loss_t75-99"]
     for row in rows:
-        assert {*buckets, "val/loss", "video/flicker", "video/static_fraction", "clipsim", "frechet/clip"} <= set(row)
+        scores = {*buckets, "val/loss", "video/flicker", "video/static_fraction", "clipsim/cos", "frechet_clip"}
+        assert scores <= set(row)
         assert {"probe/color_acc", "probe/direction_acc", "probe/heldout_color_acc", "probe/heldout_direction_acc"} <= (
             set(row)
         )
@@ -84,7 +85,7 @@ def test_each_step_has_a_gif_and_scores_per_prompt_of_the_shapes_set(tiny_run):
         asked = {(p.split()[1], p.split()[-1]) for p in (s["prompt"] for s in samples)}
         assert asked == {(c, d) for c in COLORS for d in DIRECTIONS} and set(HELDOUT) <= asked
         for s in samples:
-            assert set(s["scores"]) == {"probe/color", "probe/direction", "clipsim"}
+            assert set(s["scores"]) == {"probe/color", "probe/direction", "clipsim/cos"}
             with Image.open(folder / s["file"]) as gif:
                 assert gif.size == (16, 16) and gif.n_frames == 4
 

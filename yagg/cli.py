@@ -85,6 +85,11 @@ def _passthrough_commands() -> dict[str, Callable[[Sequence[str]], int | None]]:
 
         return main(argv)
 
+    def fvd(argv: Sequence[str]) -> int | None:
+        from eval.main import main_fvd
+
+        return main_fvd(argv)
+
     return {
         "preprocess": preprocess,
         "train": train,
@@ -93,6 +98,7 @@ def _passthrough_commands() -> dict[str, Callable[[Sequence[str]], int | None]]:
         "export": export,
         "serve": serve,
         "model-info": model_info,
+        "fvd": fvd,
     }
 
 
@@ -104,6 +110,7 @@ PASSTHROUGH_HELP = {
     "export": "write a self-contained model folder from a checkpoint (see `yagg export --help`)",
     "serve": "serve a model over HTTP: batched generation, jobs with progress, a web page (`yagg serve --help`)",
     "model-info": "parameters, training FLOPs and activation memory of a config's model (`yagg model-info --help`)",
+    "fvd": "Fréchet Video Distance (Kinetics-400 I3D) between two sets of GIFs or datasets (see `yagg fvd --help`)",
 }
 
 
