@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
+import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Protocol
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from contracts import storage
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +66,18 @@ class DataIterator(Protocol):
 class Checkpointer:
     """Orbax CheckpointManager for one workdir: keeps the newest `keep` checkpoints plus every `keep_every`-th step."""
 
-    def __init__(self, workdir: str | Path, *, keep: int, keep_every: int | None) -> None:
+    def __init__(self, workdir: str, *, keep: int, keep_every: int | None) -> None:
         if keep < 1:
             raise ValueError(f"keep_checkpoints={keep}: keep at least the newest checkpoint")
-        self.workdir = Path(workdir)
-        self.directory = self.workdir / CHECKPOINT_DIR
+        self.workdir = workdir
+        self.directory = _checkpoints(workdir)
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             keep_period=keep_every or None,
             enable_async_checkpointing=True,  # the arrays are written while training goes on
             cleanup_tmp_directories=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory.absolute(), options=self._options)
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def latest_step(self) -> int | None:
         """The newest step written and finalized so far (a save still in flight does not count)."""
@@ -138,13 +140,12 @@ class Checkpointer:
         return None
 
     def _set_aside(self, step: int) -> None:
-        target = self.workdir / CORRUPT_DIR / str(step)
+        target = storage.join(self.workdir, CORRUPT_DIR, str(step))
         log.warning("moving the incomplete or corrupt checkpoint %s to %s", self.directory / str(step), target)
         if jax.process_index() == 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.move(str(self.directory / str(step)), str(target))
+            storage.makedirs(storage.join(self.workdir, CORRUPT_DIR))
+            storage.remove(target)
+            storage.move(os.fspath(self.directory / str(step)), target)
         multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
         self._manager.reload()
 
@@ -187,10 +188,10 @@ class CheckpointReader:
     The Orbax manager is opened read-only and never cleans temporary folders: those belong to the trainer.
     """
 
-    def __init__(self, workdir: str | Path) -> None:
-        self.directory = Path(workdir) / CHECKPOINT_DIR
+    def __init__(self, workdir: str) -> None:
+        self.directory = _checkpoints(workdir)
         self._manager = ocp.CheckpointManager(
-            self.directory.absolute(),
+            self.directory,
             options=ocp.CheckpointManagerOptions(read_only=True),
             item_handlers=_handlers(),
         )
@@ -201,7 +202,7 @@ class CheckpointReader:
         return sorted(s for s in self._manager.all_steps() if self.is_finished(s))
 
     def is_finished(self, step: int) -> bool:
-        return (self.directory / str(step) / COMMIT_FILE).is_file()
+        return (self.directory / str(step) / COMMIT_FILE).exists()
 
     def config(self, step: int) -> ml_collections.ConfigDict:
         """The config of the run that wrote checkpoint `step` (the checkpoint's `config` item)."""
@@ -268,21 +269,25 @@ def check_same_arrays(stored: Any, abstract: Any, where: Any) -> None:
         )
 
 
-def find_checkpoint(
-    workdir: str | Path | None = None, checkpoint: str | Path | None = None
-) -> tuple[CheckpointReader, int]:
+def _checkpoints(workdir: str) -> epath.Path:
+    """WORKDIR/checkpoints as the path Orbax takes (local paths made absolute: Orbax wants them so)."""
+    workdir = storage.check(workdir, "workdir")
+    return storage.path(workdir if storage.is_url(workdir) else os.path.abspath(workdir)) / CHECKPOINT_DIR
+
+
+def find_checkpoint(workdir: str | None = None, checkpoint: str | None = None) -> tuple[CheckpointReader, int]:
     """Reader and step for a workdir (its newest finished checkpoint) or one folder WORKDIR/checkpoints/STEP."""
     if (workdir is None) == (checkpoint is None):
         raise ReadError("give exactly one of a workdir (newest checkpoint) and a checkpoint folder (a given one)")
     if checkpoint is not None:
-        path = Path(checkpoint)
+        path = storage.path(str(checkpoint).rstrip("/"), "checkpoint")
         if not (path.name.isdigit() and path.parent.name == CHECKPOINT_DIR):
-            raise ReadError(f"{path}: expected a checkpoint folder WORKDIR/{CHECKPOINT_DIR}/STEP")
-        reader, step = CheckpointReader(path.parent.parent), int(path.name)
+            raise ReadError(f"{checkpoint}: expected a checkpoint folder WORKDIR/{CHECKPOINT_DIR}/STEP")
+        reader, step = CheckpointReader(os.fspath(path.parent.parent)), int(path.name)
         if not reader.is_finished(step):
             raise ReadError(f"{path} is not a finished checkpoint (no {COMMIT_FILE} in it)")
         return reader, step
-    reader = CheckpointReader(workdir)
+    reader = CheckpointReader(str(workdir))
     steps = reader.steps()
     if not steps:
         raise ReadError(

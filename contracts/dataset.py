@@ -170,16 +170,28 @@ def shard_paths(folder: str, info: DatasetInfo, split: str = "train") -> list[st
     return paths
 
 
+def local_shards(folder: str, info: DatasetInfo, split: str = "train") -> list[str]:
+    """The split's shards as local files, for readers that read only local files (ArrayRecord, hence Grain): the
+    shards themselves for a local dataset; for a gs:// one, copies in the cache folder (contracts/storage.py), each
+    fetched once and checked against the size dataset_info.json records. Every host of a job keeps a copy; for data
+    larger than a host's disk, mount the bucket with gcsfuse and pass the mounted path instead."""
+    paths = shard_paths(folder, info, split)
+    try:
+        return [storage.local_file(p, s.bytes) for p, s in zip(paths, info.splits[split].shards, strict=True)]
+    except OSError as e:
+        raise DataError(f"cannot copy the dataset's shards from {folder}: {e}") from e
+
+
 def frame_rate(folder: str, info: DatasetInfo) -> float:
     """The GIF frame rate of the dataset's clips: its fps, or for time-uniform sampling the median rate of the frames
-    the first records kept (single-frame clips have none: then DEFAULT_FPS)."""
+    the first records kept (single-frame clips have none: then DEFAULT_FPS). Only the shards read are fetched."""
     if info.fps:
         return float(info.fps)
     from array_record.python.array_record_module import ArrayRecordReader
 
     gaps: list[float] = []
-    for path in shard_paths(folder, info, "train"):
-        reader = ArrayRecordReader(path, "readahead_buffer_size:0")
+    for path, shard in zip(shard_paths(folder, info, "train"), info.splits["train"].shards, strict=True):
+        reader = ArrayRecordReader(storage.local_file(path, shard.bytes), "readahead_buffer_size:0")
         try:
             for i in range(min(reader.num_records(), _RATE_PROBE_RECORDS - len(gaps))):
                 gaps.extend(np.diff(records.decode(reader.read([i])[0])["frame_times_ms"]).tolist())

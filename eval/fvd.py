@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
-import tempfile
 import time
 import typing
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +40,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from contracts import storage
 from eval.frechet import frechet_distance
 from eval.i3d import MIN_FRAMES, NUM_CLASSES, RESOLUTION
 from pipeline.frames import select_frames
@@ -260,7 +261,7 @@ class FeatureCache:
     """
 
     def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory) / "fvd-features"
+        self.directory = storage.join(os.fspath(directory), "fvd-features")
 
     @staticmethod
     def key(clip_set: ClipSet, protocol: Protocol, weights_digest: str) -> str:
@@ -274,22 +275,16 @@ class FeatureCache:
         return hashlib.sha256(f"{json.dumps(settings, sort_keys=True)}\n{clip_set.fingerprint()}".encode()).hexdigest()
 
     def load(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
-        path = self.directory / f"{key}.npz"
-        if not path.is_file():
+        path = storage.join(self.directory, f"{key}.npz")
+        if not storage.is_file(path):
             return None
-        with np.load(path, allow_pickle=False) as stored:
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as stored:
             return stored["features"], json.loads(str(stored["meta"]))
 
     def save(self, key: str, features: np.ndarray, meta: dict[str, Any]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, features=features, meta=np.array(json.dumps(meta)))
-            os.replace(tmp, self.directory / f"{key}.npz")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        buffer = io.BytesIO()
+        np.savez(buffer, features=features, meta=np.array(json.dumps(meta)))
+        storage.write_bytes(storage.join(self.directory, f"{key}.npz"), buffer.getvalue())  # written whole
 
 
 def set_features(

@@ -14,8 +14,9 @@ from __future__ import annotations
 import html
 import json
 import math
-from pathlib import Path
+import os
 
+from contracts import storage
 from contracts.scores import read_rows
 
 _STYLE = """
@@ -79,17 +80,18 @@ def _sample_card(step: int, sample: dict) -> str:
     )
 
 
-def write_gallery(eval_dir: str | Path, title: str = "yagg evaluation") -> Path:
-    """Rebuilds `eval_dir/index.html` from metrics.jsonl and the per-step samples.json files; returns its path."""
-    eval_dir = Path(eval_dir)
-    rows = sorted(read_rows(str(eval_dir)), key=lambda r: r["step"])
+def write_gallery(eval_dir: str | os.PathLike, title: str = "yagg evaluation") -> str:
+    """Rebuilds `eval_dir/index.html` (local or gs://) from metrics.jsonl and the per-step samples.json files;
+    returns its path."""
+    eval_dir = os.fspath(eval_dir)
+    rows = sorted(read_rows(eval_dir), key=lambda r: r["step"])
     scores = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, float)})
     curves = "".join(_curve_svg(n, [(r["step"], r[n]) for r in rows if n in r]) for n in scores)
     sections = []
     for row in reversed(rows):
         step = row["step"]
-        samples_path = eval_dir / str(step) / "samples.json"
-        samples = json.loads(samples_path.read_text(encoding="utf-8")) if samples_path.exists() else []
+        samples_path = storage.join(eval_dir, str(step), "samples.json")
+        samples = json.loads(storage.read_text(samples_path)) if storage.is_file(samples_path) else []
         numbers = [k for k, v in sorted(row.items()) if k != "step" and isinstance(v, int | float)]
         summary = ", ".join(f"{html.escape(n)} {_fmt(row[n])}" for n in numbers)
         labels = " · ".join(
@@ -113,8 +115,6 @@ def write_gallery(eval_dir: str | Path, title: str = "yagg evaluation") -> Path:
         f'<h2>Metrics by step</h2><div class="curves">{curves or "<p>No evaluated steps yet.</p>"}</div>'
         f"{''.join(sections)}</body></html>\n"
     )
-    out = eval_dir / "index.html"
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)  # readers never see a half-written page
+    out = storage.join(eval_dir, "index.html")
+    storage.write_text(out, page)  # written whole: readers never see a half-written page
     return out

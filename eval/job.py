@@ -32,7 +32,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -41,10 +40,10 @@ import numpy as np
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from contracts import media, scores
+from contracts import media, scores, storage
 from contracts.checkpoint import CheckpointDeletedError, CheckpointReader, check_config_matches
 from contracts.conditioning import load_conditioner
-from contracts.dataset import DataFacts, read_dataset_info, shard_paths
+from contracts.dataset import DataFacts, local_shards, read_dataset_info
 from eval import evaluators as evaluators_lib
 from eval.gallery import write_gallery
 from inference.generator import GenerateError, Generator, placement
@@ -106,15 +105,13 @@ class EvalError(ValueError):
 # Files.
 
 
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)  # readers (the gallery, a restart) never see half a file
+def _write_json(path: str, value: Any) -> None:
+    storage.write_text(path, json.dumps(value, indent=1) + "\n")  # written whole: readers never see half a file
 
 
-def read_evaluated(eval_dir: Path) -> set[int]:
-    path = eval_dir / LEDGER_FILE
-    return set(json.loads(path.read_text(encoding="utf-8"))["steps"]) if path.is_file() else set()
+def read_evaluated(eval_dir: str) -> set[int]:
+    path = storage.join(eval_dir, LEDGER_FILE)
+    return set(json.loads(storage.read_text(path))["steps"]) if storage.is_file(path) else set()
 
 
 def _file_name(index: int, prompt: str) -> str:
@@ -149,10 +146,10 @@ def _all_true(flag: bool) -> bool:
 class _Job:
     """Everything built once per eval job; `evaluate_step` then scores one checkpoint."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: Path, reader: CheckpointReader) -> None:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, reader: CheckpointReader) -> None:
         self.config = config
         self.workdir = workdir
-        self.eval_dir = workdir / EVAL_DIR
+        self.eval_dir = storage.join(workdir, EVAL_DIR)
         self.is_writer = jax.process_index() == 0
         self.reader = reader
         self.prompts = prompt_set(config)
@@ -178,20 +175,25 @@ class _Job:
             schedule=self.generator.schedule,
             mesh=self.mesh,
             param_shardings=shardings,
-            val_paths=shard_paths(data_path, info, "val"),
+            val_paths=local_shards(data_path, info, "val"),
             clip_name=e.clip or facts.text_encoder.name,
             shapes_prompts=self.prompts.targets is not None,
             num_samples=len(self.prompts.prompts),
         )
         if self.is_writer:
-            self.eval_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = metric_writers.create_default_writer(str(self.eval_dir), just_logging=not self.is_writer)
+            storage.makedirs(self.eval_dir)
+        # TensorFlow writes the events: to a local mirror of eval_dir when that is remote, synced after each step.
+        self._events = storage.LocalMirror(self.eval_dir) if self.is_writer else None
+        logdir = self._events.local if self._events else self.eval_dir
+        self.writer = metric_writers.create_default_writer(logdir, just_logging=not self.is_writer)
         self.evaluated = set(_from_process_0(sorted(read_evaluated(self.eval_dir))))  # process 0's ledger
         self._final_steps: dict[int, int] = {}  # checkpoint step -> num_train_steps of its config
 
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+        if self._events is not None:
+            self._events.sync()
 
     def evaluate_step(self, step: int) -> bool:
         """Scores checkpoint `step` and writes its files; False if the checkpoint vanished before it was read."""
@@ -231,21 +233,22 @@ class _Job:
     def _write(
         self, step: int, clips: Any, step_scores: dict[str, float | int | str], per_sample: list[dict[str, float]]
     ) -> None:
-        folder = self.eval_dir / str(step)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = storage.join(self.eval_dir, str(step))
         p = self.prompts
         samples = []
         for i, (pixels, prompt, seed, sample_scores) in enumerate(
             zip(clips.pixels, p.prompts, p.seeds, per_sample, strict=True)
         ):
             name = _file_name(i, prompt)
-            media.write_gif(folder / name, pixels, clips.fps)
+            media.write_gif(storage.join(folder, name), pixels, clips.fps)
             samples.append({"file": name, "prompt": prompt, "seed": seed, "scores": sample_scores})
-        _write_json(folder / SAMPLES_FILE, samples)
-        scores.replace_row(str(self.eval_dir), {"step": step, **step_scores})
+        _write_json(storage.join(folder, SAMPLES_FILE), samples)
+        scores.replace_row(self.eval_dir, {"step": step, **step_scores})
         self.writer.write_scalars(step, {k: v for k, v in step_scores.items() if isinstance(v, float)})
         self.writer.flush()
-        _write_json(self.eval_dir / LEDGER_FILE, {"steps": sorted(self.evaluated)})
+        if self._events is not None:
+            self._events.sync()
+        _write_json(storage.join(self.eval_dir, LEDGER_FILE), {"steps": sorted(self.evaluated)})
         write_gallery(self.eval_dir, title=f"yagg evaluation of {self.workdir}")
 
     def training_finished(self, steps: Sequence[int], skipped: set[int]) -> bool:
@@ -262,7 +265,7 @@ class _Job:
 
 
 def evaluate(
-    config: ml_collections.ConfigDict, workdir: str | Path, *, follow: bool = False, step: int | None = None
+    config: ml_collections.ConfigDict, workdir: str, *, follow: bool = False, step: int | None = None
 ) -> list[int]:
     """Evaluates the finished checkpoints of `workdir` not evaluated yet (or only `step`, again if need be); with
     `follow`, keeps waiting for new ones until training has finished (module docstring). Returns the steps evaluated.
@@ -271,7 +274,11 @@ def evaluate(
     """
     if follow and step is not None:
         raise EvalError("--follow and --step exclude each other: follow a run, or evaluate one step of it")
-    workdir = Path(workdir)
+    workdir = storage.check(workdir, "--workdir")
+    for name in ("data.path", "data.text_encoder", "eval.clip", "eval.fvd_cache"):
+        value = config.data.get(name.split(".")[1]) if name.startswith("data.") else config.eval.get(name.split(".")[1])
+        if value:
+            storage.check(value, name)
     reader = CheckpointReader(workdir)
     if not follow:  # answer a wrong --workdir or --step before the minute of set-up
         steps = reader.steps()

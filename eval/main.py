@@ -167,6 +167,7 @@ def main(argv: Sequence[str]) -> int:
 
     from contracts.checkpoint import ReadError
     from contracts.dataset import DataError
+    from contracts.storage import PathError
     from eval.job import EvalError, evaluate
     from inference.generator import GenerateError
     from parallel.distributed import initialize_distributed
@@ -177,7 +178,7 @@ def main(argv: Sequence[str]) -> int:
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         config = load_config(args.config, rest)
         steps = evaluate(config, args.workdir, follow=args.follow, step=args.step)
-    except (ConfigError, DataError, MeshError, ReadError, GenerateError, EvalError) as e:
+    except (ConfigError, DataError, MeshError, ReadError, GenerateError, EvalError, PathError) as e:
         print(f"yagg eval: error: {e}", file=sys.stderr)
         return 2
     print(f"evaluated {len(steps)} checkpoint(s) {steps}; gallery: {args.workdir}/eval/index.html")

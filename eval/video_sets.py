@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grain
 import numpy as np
 
-from contracts import records
-from contracts.dataset import INFO_FILE, SPLITS, DataError, read_dataset_info, shard_paths
+from contracts import records, storage
+from contracts.dataset import INFO_FILE, SPLITS, DataError, local_shards, read_dataset_info
 from eval.fvd import FvdError
 from pipeline.clip_frames import ClipError, ClipSpec, chosen_frames
 
@@ -140,37 +141,40 @@ def dataset_set(shards: Sequence[str], description: str, max_clips: int | None) 
 
 
 def open_clip_set(path: str | Path, *, frames: int, max_clips: int | None, split: str = "val"):
-    """The ClipSet at `path` (module doc); FvdError when it is none of the three, or empty."""
-    path = Path(path)
-    if path.is_dir() and (path / INFO_FILE).is_file():
+    """The ClipSet at `path`, local or gs:// (module doc); FvdError when it is none of the three, or empty."""
+    try:
+        path = storage.check(os.fspath(path), "a clip set")
+    except storage.PathError as e:
+        raise FvdError(str(e)) from e
+    if storage.is_file(storage.join(path, INFO_FILE)):
         if split not in SPLITS:
             raise FvdError(f"unknown split {split!r}; choose from {SPLITS}")
         try:
-            shards = shard_paths(str(path), read_dataset_info(str(path)), split)
+            shards = local_shards(path, read_dataset_info(path), split)
         except DataError as e:
             raise FvdError(str(e)) from e
         if not shards:
             raise FvdError(f"the dataset {path} has no {split} shards; choose another --split")
         return dataset_set(shards, f"dataset {path} ({split} split)", max_clips)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() == ".gif")
+    if storage.path(path).is_dir():
+        files = [f for f in storage.iter_files(path) if f.lower().endswith(".gif")]
         if not files:
             raise FvdError(f"{path} holds no .gif file (nor dataset_info.json, so it is not a dataset either)")
         description = f"GIF folder {path} ({len(files)} files)"
-        return GifSet(description, [str(f) for f in files], _read_file, frames=frames, max_clips=max_clips)
-    if path.is_file():
+        return GifSet(description, files, _read_file, frames=frames, max_clips=max_clips)
+    if storage.is_file(path):
         return _manifest_set(path, frames=frames, max_clips=max_clips)
     raise FvdError(f"{path} does not exist: pass a folder of GIFs, a manifest file or a `yagg preprocess` folder")
 
 
 def _read_file(location: str) -> bytes:
     try:
-        return Path(location).read_bytes()
+        return storage.read_bytes(location)
     except OSError as e:
         raise _Unreadable(e.strerror or type(e).__name__) from e
 
 
-def _manifest_set(path: Path, *, frames: int, max_clips: int | None) -> GifSet:
+def _manifest_set(path: str, *, frames: int, max_clips: int | None) -> GifSet:
     # The manifest reader and the fetcher bring Apache Beam (their filesystems); only manifests need them.
     from pipeline import manifest as manifest_lib
     from pipeline.sources import FetchError, fetch
@@ -183,7 +187,7 @@ def _manifest_set(path: Path, *, frames: int, max_clips: int | None) -> GifSet:
 
     locations: dict[str, None] = {}  # resolved sources in first-seen order, each once
     skipped: collections.Counter[str] = collections.Counter()
-    for line in manifest_lib.read_lines(str(path.absolute())):
+    for line in manifest_lib.read_lines(path if storage.is_url(path) else os.path.abspath(path)):
         parsed = manifest_lib.parse_line(line)
         if isinstance(parsed, manifest_lib.DeadLetter):
             skipped[f"manifest: {parsed.reason}"] += 1

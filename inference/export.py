@@ -149,11 +149,12 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from contracts.storage import PathError
     from inference.generator import GenerateError
 
     try:
         result = export(args.workdir, args.out, step=args.step)
-    except GenerateError as e:
+    except (GenerateError, PathError) as e:
         print(f"yagg export: error: {e}", file=sys.stderr)
         return 2
     print(f"exported step {result['step']} of {args.workdir} to {result['out']}: {', '.join(result['files'])}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy as np
 
 from contracts import checkpoint as checkpoint_lib
 from contracts import export as export_lib
-from contracts import media
+from contracts import media, storage
 from contracts.conditioning import CaptionTooLong, TextConditioner, load_conditioner, model_condition
 from contracts.dataset import DEFAULT_FPS, DataError, DataFacts, TextEncoderInfo, read_dataset_info
 from model.build import build_schedule, build_unet, params_initializer
@@ -176,8 +177,11 @@ class Generator:
         config's (clips then differ in their last bits from those drawn at the config's width). GenerateError for
         anything the user can fix.
         """
-        source = str(source)
-        path = Path(source)
+        try:
+            source = storage.check(os.fspath(source).rstrip("/"), "the model")
+        except storage.PathError as e:
+            raise GenerateError(str(e)) from e
+        path = storage.path(source)
         is_checkpoint = path.name.isdigit() and path.parent.name == checkpoint_lib.CHECKPOINT_DIR
         if kind is None:
             kind = "model" if export_lib.is_export(source) else "checkpoint" if is_checkpoint else "workdir"
@@ -187,9 +191,9 @@ class Generator:
                     raise GenerateError("an exported model holds one step's EMA parameters: no step or raw parameters")
                 return cls._from_export(export_lib.read_export(source), text_encoder, mesh, lanes_per_device)
             if kind == "checkpoint":
-                reader, found = checkpoint_lib.find_checkpoint(checkpoint=path)
+                reader, found = checkpoint_lib.find_checkpoint(checkpoint=source)
             else:
-                reader, found = checkpoint_lib.find_checkpoint(workdir=path)
+                reader, found = checkpoint_lib.find_checkpoint(workdir=source)
                 if step is not None:
                     if step not in reader.steps():
                         raise GenerateError(f"no finished checkpoint of step {step} in {reader.directory}")
@@ -466,8 +470,8 @@ def training_data_facts(config: ml_collections.ConfigDict) -> DataFacts:
     own data section (its text encoder, its fps or DEFAULT_FPS), with a warning."""
     d = config.data
     try:
-        return DataFacts.of_dataset(str(d.path), read_dataset_info(str(d.path)))
-    except DataError as e:
+        return DataFacts.of_dataset(str(d.path), read_dataset_info(storage.check(str(d.path), "data.path")))
+    except (DataError, storage.PathError) as e:
         fps = float(d.fps) if d.get("fps") else DEFAULT_FPS
         log.warning("%s; using the config's data.text_encoder %r and %.3g fps", e, str(d.text_encoder), fps)
         return DataFacts(

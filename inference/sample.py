@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,17 +41,22 @@ class SampleOptions:
     text_encoder: str | None = None  # overrides the dataset's text encoder
 
 
-def output_paths(out: str | Path, num_prompts: int, num: int) -> list[list[Path]]:
-    """Where `yagg sample` writes: OUT itself for one prompt and one sample, else OUT-PPP-NN.gif beside it (prompt
-    index PPP, sample index NN, both from 0); paths[p][n]."""
+def output_paths(out: str | Path, num_prompts: int, num: int) -> list[list[str]]:
+    """Where `yagg sample` writes (a local path or gs://): OUT itself for one prompt and one sample, else
+    OUT-PPP-NN.gif beside it (prompt index PPP, sample index NN, both from 0); paths[p][n]."""
+    from contracts import storage
     from inference.generator import GenerateError
 
-    out = Path(out)
-    if out.suffix.lower() != ".gif":
+    try:
+        out = storage.check(os.fspath(out), "--out")
+    except storage.PathError as e:
+        raise GenerateError(str(e)) from e
+    if not out.lower().endswith(".gif"):
         raise GenerateError(f"--out {out}: the output must be a .gif file name")
     if num_prompts == 1 and num == 1:
         return [[out]]
-    return [[out.with_name(f"{out.stem}-{p:03d}-{n:02d}.gif") for n in range(num)] for p in range(num_prompts)]
+    stem = out[: -len(".gif")]
+    return [[f"{stem}-{p:03d}-{n:02d}.gif" for n in range(num)] for p in range(num_prompts)]
 
 
 def sample_to_gifs(

@@ -18,8 +18,7 @@ import posixpath
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
+from contracts import storage
 
 _READ_CHUNK = 1 << 20
 
@@ -67,15 +66,13 @@ class Item:
 
 
 def expand_manifests(patterns: Sequence[str]) -> list[str]:
-    """The manifest files that `patterns` (paths or globs, local or any Beam filesystem) match, sorted.
+    """The manifest files that `patterns` (paths or globs, local or gs://; contracts/storage.py) match, sorted.
 
     Local paths are made absolute, so relative sources resolve the same way on every worker.
     """
     found: set[str] = set()
     for pattern in patterns:
-        if not _has_scheme(pattern):
-            pattern = os.path.abspath(pattern)
-        matched = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+        matched = storage.glob(storage.check(pattern, "--manifest"))
         if not matched:
             raise ValueError(f"--manifest {pattern!r} matches no file")
         found.update(matched)
@@ -86,11 +83,11 @@ def read_lines(manifest: str) -> Iterator[Line]:
     """Yields every line of one manifest as bytes (decoding happens per line, so one bad byte costs one line).
 
     Only `\\n` ends a line (a trailing `\\r` is dropped): a stray carriage return inside a caption does not split it.
-    Compressed manifests (`.gz`, `.bz2`, ...) are read transparently.
+    Compressed manifests (`.gz`, `.bz2`) are read transparently.
     """
     number = 0
     pending = b""
-    with FileSystems.open(manifest, compression_type=CompressionTypes.AUTO) as f:
+    with storage.open_read(manifest, decompress=True) as f:
         while chunk := f.read(_READ_CHUNK):
             *complete, pending = (pending + chunk).split(b"\n")
             for data in complete:
@@ -129,7 +126,7 @@ def resolve_source(name: str, manifest: str) -> str:
         return name
     if os.path.isabs(name):
         return os.path.normpath(name)
-    if _has_scheme(manifest):  # string handling: no need for the filesystem (gs:// needs apache-beam[gcp]) here
+    if _has_scheme(manifest):  # string handling: no request to the store here
         return f"{manifest.rpartition('/')[0]}/{posixpath.normpath(name)}"
     return os.path.normpath(os.path.join(os.path.dirname(manifest), name))
 

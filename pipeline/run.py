@@ -229,6 +229,7 @@ def _plan(settings: Settings, pipeline_args: Sequence[str]) -> tuple[Any, Any]:
     """Checks every setting and resolves them into (JobSettings, PipelineOptions)."""
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+    from contracts import storage
     from contracts.conditioning import load_conditioner
     from pipeline import job, shards
     from pipeline.clip_frames import ClipSpec
@@ -238,6 +239,8 @@ def _plan(settings: Settings, pipeline_args: Sequence[str]) -> tuple[Any, Any]:
     problems = settings.problems()
     if problems:
         raise ValueError("; ".join(problems))
+    storage.check(settings.output, "--output")  # a PathError (a ValueError) for s3://, gs:/typo, ...
+    storage.check(settings.text_encoder, "--text-encoder")
     options = PipelineOptions(_with_default_runner(_checked_beam_args(pipeline_args)))
     runner = options.view_as(StandardOptions).runner or ""
     manifests = tuple(expand_manifests(list(settings.manifests)))

@@ -1,6 +1,6 @@
 """The job's output folder: deterministic shard files, dead-letter files, dataset_info.json and the final commit.
 
-Layout of OUTPUT (any Beam filesystem: a local folder or `gs://...`):
+Layout of OUTPUT (a local folder or `gs://...`, through contracts/storage.py):
 
     train-NNNNN-of-MMMMM.array_record   ArrayRecord files (writer option group_size:1, for random access)
     val-NNNNN-of-MMMMM.array_record
@@ -24,14 +24,13 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from apache_beam.io.filesystems import FileSystems
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from contracts import storage
 from contracts.dataset import INFO_FILE, DatasetInfo
 from pipeline.manifest import DeadLetter
 
@@ -109,8 +108,8 @@ def dead_letter_key(dead: DeadLetter) -> str:
 def write_shard(staging: str, group: str, index: int, count: int, records: Iterable[tuple[str, bytes]]) -> ShardFile:
     """Writes one shard's (sort key, payload) pairs, sorted, to `staging` and returns what was written.
 
-    ArrayRecord's writer only writes local files: the shard is written to a local temporary file, then copied with
-    `FileSystems.create`, so any Beam filesystem works as output.
+    ArrayRecord's writer only writes local files: the shard is written to a local temporary file, then copied to the
+    staging folder (local or gs://).
     """
     ordered = sorted(records)  # by key, then bytes: a total order, so equal keys cannot reorder between runs
     name = shard_name(group, index, count)
@@ -125,18 +124,17 @@ def write_shard(staging: str, group: str, index: int, count: int, records: Itera
                 writer.write(payload)
             writer.close()
         size = os.path.getsize(local)
-        with open(local, "rb") as src, FileSystems.create(FileSystems.join(staging, name)) as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
+        storage.upload(local, storage.join(staging, name))
     return ShardFile(group, index, count, name, len(ordered), size)
 
 
 def staging_dir(output: str, run_id: str) -> str:
-    return FileSystems.join(output, STAGING_PREFIX + run_id)
+    return storage.join(output, STAGING_PREFIX + run_id)
 
 
 def check_output(output: str, overwrite: bool) -> None:
     """Refuses an output folder that already holds files unless `overwrite`. Called before the job starts."""
-    if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
+    if not storage.is_url(output) and os.path.exists(output) and not os.path.isdir(output):
         raise OutputExistsError(f"output {output} is a file; --output must be a folder")
     # Listed, not tested with exists(): on an object store a "folder" is only a prefix and never "exists".
     existing = sorted(_names_in(output))
@@ -150,10 +148,7 @@ def check_output(output: str, overwrite: bool) -> None:
 
 def _names_in(folder: str) -> set[str]:
     """Names of the entries directly inside `folder` (files, and first path components below it)."""
-    prefix = folder.rstrip("/") + "/"
-    if "://" not in folder:
-        return set(os.listdir(folder)) if os.path.isdir(folder) else set()
-    return {m.path[len(prefix) :].split("/", 1)[0] for m in FileSystems.match([prefix + "**"])[0].metadata_list}
+    return storage.list_names(folder)
 
 
 def commit(output: str, staging: str, files: Sequence[ShardFile], info: DatasetInfo) -> None:
@@ -167,15 +162,9 @@ def commit(output: str, staging: str, files: Sequence[ShardFile], info: DatasetI
     # dataset_info.json goes first: from here until the new one is written, the folder reads as incomplete.
     old.sort(key=lambda name: name != INFO_FILE)
     for name in old:
-        path = FileSystems.join(output, name)
-        # On object stores a "folder" is a prefix, and only a path ending in "/" deletes everything under it.
-        FileSystems.delete([path + "/" if name.startswith(STAGING_PREFIX) and "://" in path else path])
-    staged = [f.name for f in files if FileSystems.exists(FileSystems.join(staging, f.name))]
-    if staged:
-        FileSystems.rename(
-            [FileSystems.join(staging, n) for n in staged], [FileSystems.join(output, n) for n in staged]
-        )
-    with FileSystems.create(FileSystems.join(output, INFO_FILE)) as f:
-        f.write(info.to_json().encode())
-    if FileSystems.exists(staging):
-        FileSystems.delete([staging])
+        storage.remove(storage.join(output, name))  # a stale staging "folder" with everything in it
+    for name in (f.name for f in files):
+        if storage.exists(storage.join(staging, name)):
+            storage.move(storage.join(staging, name), storage.join(output, name))
+    storage.write_text(storage.join(output, INFO_FILE), info.to_json())
+    storage.remove(staging)

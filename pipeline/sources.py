@@ -1,4 +1,4 @@
-"""Fetching a GIF's bytes from a local path, any Beam `FileSystems` path (`gs://...`) or an http(s) URL.
+"""Fetching a GIF's bytes from a local path, a `gs://` path (contracts/storage.py) or an http(s) URL.
 
 Every failure raises `FetchError` with a short `reason` (counted in dataset_info.json) and a specific `detail`, never
 anything else, so the job dead-letters the line and carries on.
@@ -24,8 +24,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
+from contracts import storage
 
 _CHUNK = 1 << 16
 _USER_AGENT = "yagg-preprocess/0.1"
@@ -86,7 +85,7 @@ _HOSTS = _HostHealth()
 
 
 def fetch(source: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
-    """The bytes of `source` (a URL or a path any Beam filesystem understands), at most `policy.max_bytes`."""
+    """The bytes of `source` (an http(s) URL, a local path or a gs:// path), at most `policy.max_bytes`."""
     if source.startswith(("http://", "https://")):
         return _fetch_http(source, policy)
     return _fetch_file(source, policy)
@@ -94,19 +93,18 @@ def fetch(source: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
 
 def _fetch_file(path: str, policy: FetchPolicy) -> bytes:
     try:
-        FileSystems.get_filesystem(path)
-    except ValueError as e:  # a scheme no installed Beam filesystem handles (gs:// needs apache-beam[gcp])
+        storage.check(path, "source")
+    except storage.PathError as e:  # a scheme yagg does not read (s3://, ftp://, a typo)
         raise FetchError("unsupported source", str(e)) from e
     try:
-        # UNCOMPRESSED: a GIF is never a gzip stream, whatever its name says; AUTO would guess from the extension.
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        with storage.path(path).open("rb") as f:
             data = f.read(policy.max_bytes + 1)
     except FileNotFoundError as e:
         raise FetchError("file not found", str(e)) from e
     except IsADirectoryError as e:
         raise FetchError("not a file", str(e)) from e
-    except Exception as e:  # FileSystems wraps backend errors in several types (BeamIOError, OSError, ...).
-        if not FileSystems.exists(path):
+    except Exception as e:  # backends wrap their errors in several types (OSError, HTTP errors, ...)
+        if not storage.exists(path):
             raise FetchError("file not found", path) from e
         raise FetchError("read failed", f"{type(e).__name__}: {e}") from e
     if len(data) > policy.max_bytes:

@@ -65,7 +65,16 @@ class ServeSettings:
     )
 
     def problems(self) -> list[str]:
-        checks = [
+        from contracts import storage
+
+        bad_paths = []
+        for flag, value in (("--model", self.model), ("--workdir", self.workdir)):
+            try:
+                if value is not None:
+                    storage.check(value, flag)
+            except storage.PathError as e:
+                bad_paths.append(str(e))
+        checks = [(False, message) for message in bad_paths] + [
             ((self.model is None) != (self.workdir is None), "give exactly one of --model and --workdir"),
             (not self.follow or self.workdir is not None, "--follow needs --workdir (an export does not change)"),
             (self.max_batch is None or self.max_batch >= 1, f"--max-batch must be at least 1, got {self.max_batch}"),

@@ -158,3 +158,30 @@ def tiny_export(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "model"
     assert export_main(["--workdir", str(tiny_run.workdir), "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A real Cloud Storage API on localhost (tests/gcs_emulator.py), with this process's clients pointed at it;
+    yields the emulator (its `environment()` is what subprocesses need). Skips, saying why, if it cannot start."""
+    from gcs_emulator import Emulator
+
+    try:
+        emulator = Emulator()
+    except RuntimeError as e:
+        pytest.skip(f"the Cloud Storage emulator (PyPI gcp-storage-emulator) could not start: {e}")
+    emulator.apply()
+    os.environ["YAGG_CACHE"] = str(tmp_path_factory.mktemp("yagg-cache"))  # local copies of gs:// files
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+def upload(local: Path, url: str) -> str:
+    """Copies a local folder's files to `url` (gs://...) and returns `url`."""
+    from contracts import storage
+
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.write_bytes(storage.join(url, path.relative_to(local).as_posix()), path.read_bytes())
+    return url

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from object_store import ObjectStore
+from conftest import upload
+from gcs_emulator import BUCKET
 
 from eval.evaluators import (
     ClipModel,
@@ -187,12 +188,12 @@ def test_build_evaluators_refuses_lists_that_cannot_work():
     with pytest.raises(ConfigError, match="at least 2 generated clips"):
         build("eval.evaluators=('frechet_clip',)", num_samples=1)
     with pytest.raises(ConfigError, match="pass --config.eval.clip=NAME_OR_FOLDER"):
-        ClipModel("objstore:///nonexistent/clip")
+        ClipModel("/nonexistent/clip")
 
 
-def test_a_clip_on_an_object_store_is_copied_once_and_loads(tmp_path):
+def test_a_clip_in_cloud_storage_is_copied_once_and_loads(tmp_path, gcs):
     folder = make_tiny_clip(tmp_path / "clip", seed=0)
-    remote, local = ClipModel(ObjectStore.PREFIX + str(folder)), ClipModel(str(folder))
+    remote, local = ClipModel(upload(folder, f"gs://{BUCKET}/evaluators/clip")), ClipModel(str(folder))
     prompts = ["a red circle moving left"]
     np.testing.assert_array_equal(remote.text_embeddings(prompts), local.text_embeddings(prompts))
 

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def _write_eval_dir(eval_dir, steps=(100, 200)):
 
 def test_page_structure(tmp_path):
     _write_eval_dir(tmp_path)
-    page = write_gallery(tmp_path).read_text()
+    page = Path(write_gallery(tmp_path)).read_text()
     # Newest step first, prompts escaped, images by relative path, one curve per metric.
     assert page.index('id="step-200"') < page.index('id="step-100"')
     assert "a &lt;b&gt;blue&lt;/b&gt; square &amp; more" in page and "<b>blue</b>" not in page
@@ -59,7 +60,7 @@ def test_counts_labels_and_warnings_are_shown_beside_the_scores_without_curves(t
         "fvd/warning": "FVD from 48 and 32 clips, fewer than 2048 per side: <biased>",
     }
     (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
-    page = write_gallery(tmp_path).read_text()
+    page = Path(write_gallery(tmp_path)).read_text()
     assert page.count("<polyline") == 1  # fvd only: counts and labels are not curves
     assert "fvd 812.5, fvd/n 48, fvd/n_ref 32" in page
     assert "fvd/protocol: reference (16 frames, stretch to 224x224, sqrtm eigh)" in page
@@ -68,7 +69,7 @@ def test_counts_labels_and_warnings_are_shown_beside_the_scores_without_curves(t
 
 
 def test_empty_eval_dir(tmp_path):
-    assert "No evaluated steps yet" in write_gallery(tmp_path).read_text()
+    assert "No evaluated steps yet" in Path(write_gallery(tmp_path)).read_text()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (Debian package `chromium`; .ci/run installs it)")

@@ -4,6 +4,7 @@ plain containers only, and a weights file or cache file that is not byte-for-byt
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,13 +82,13 @@ def test_a_tampered_weights_file_is_refused(tmp_path):
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(WeightsError, match="sha256 is .* not the pinned"):
         load_variables(tmp_path / "cache", source=tampered)
-    assert not i3d_weights.cached_path(tmp_path / "cache").exists()
+    assert not Path(i3d_weights.cached_path(tmp_path / "cache")).exists()
 
 
 @needs_weights
 def test_weights_convert_once_and_an_altered_cache_is_refused(tmp_path):
     variables = load_variables(tmp_path)  # converted from the package's file
-    cached = i3d_weights.cached_path(tmp_path)
+    cached = Path(i3d_weights.cached_path(tmp_path))
     assert cached.is_file()
     assert variables["batch_stats"]["Conv3d_1a_7x7"]["moving_mean"].shape == (64,)  # (1, 1, 1, 1, 64) in the package
     again = load_variables(tmp_path)  # from the cache

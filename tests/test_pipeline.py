@@ -8,7 +8,6 @@ multi-process modes, and must write the same bytes.
 import dataclasses
 import json
 import socket
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,10 +15,11 @@ import numpy as np
 import pytest
 from apache_beam import TaggedOutput
 from array_record.python.array_record_module import ArrayRecordReader
-from object_store import ObjectStore
+from conftest import upload
+from gcs_emulator import BUCKET
 from PIL import Image
 
-from contracts import records
+from contracts import records, storage
 from contracts.dataset import DatasetInfo
 from model.clip import TextEncoder
 from model.tiny_clip import make_tiny_clip
@@ -194,17 +194,17 @@ def test_other_runner_modes_with_config_write_byte_identical_files(
         assert (output / name).read_bytes() == (shapes_run.output / name).read_bytes(), name
 
 
-def test_manifests_gifs_output_and_text_encoder_on_an_object_store(
-    shapes, shapes_run, tiny_clip, tmp_path, monkeypatch
-):
-    """Everything through Beam's FileSystems, as with gs://: the same shards as from local paths."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the text encoder's local copy goes
-    remote = ObjectStore.PREFIX + str(tmp_path / "bucket" / "data")
+def test_manifests_gifs_output_and_text_encoder_in_cloud_storage(shapes, shapes_run, tiny_clip, gcs):
+    """Everything on gs:// (a local Cloud Storage emulator): the same shards as from local paths."""
+    bucket = f"gs://{BUCKET}/pipeline"
+    upload(shapes.root, f"{bucket}/shapes")
+    clip = upload(Path(tiny_clip), f"{bucket}/clip")
+    remote = f"{bucket}/data"
     info = preprocess(
         Settings(
-            manifests=(ObjectStore.PREFIX + str(shapes.manifest),),
+            manifests=(f"{bucket}/shapes/{shapes.manifest.name}",),
             output=remote,
-            text_encoder=ObjectStore.PREFIX + str(tiny_clip),
+            text_encoder=clip,
             frames=SPEC.num_frames,
             size=SPEC.size,
             val_fraction=0.3,
@@ -216,17 +216,21 @@ def test_manifests_gifs_output_and_text_encoder_on_an_object_store(
     assert info.splits == shapes_run.info.splits
     for split in ("train", "val"):
         for shard in info.splits[split].shards:
-            local = tmp_path / "bucket" / "data" / shard.file
-            assert local.read_bytes() == (shapes_run.output / shard.file).read_bytes()
-    staged = [p for p in (tmp_path / "bucket" / "data").rglob("*") if p.is_file() and ".staging-" in str(p)]
-    assert not staged  # every staged object was moved
+            assert storage.read_bytes(f"{remote}/{shard.file}") == (shapes_run.output / shard.file).read_bytes()
+    assert not [name for name in storage.list_names(remote) if name.startswith(".staging-")]  # every object moved
     with pytest.raises(ValueError, match="not empty"):  # the folder "exists" only as a prefix, and is still refused
         preprocess(
-            Settings(
-                manifests=(ObjectStore.PREFIX + str(shapes.manifest),), output=remote, text_encoder=str(tiny_clip)
-            ),
+            Settings(manifests=(f"{bucket}/shapes/{shapes.manifest.name}",), output=remote, text_encoder=clip),
             pipeline_args=IN_PROCESS,
         )
+
+
+@pytest.mark.parametrize("output", ["s3://bucket/data", "gs:/bucket/data", "gcs://bucket/data"])
+def test_a_scheme_yagg_does_not_speak_is_refused_before_anything_runs(shapes, tiny_clip, output, tmp_path, capsys):
+    argv = ["--manifest", str(shapes.manifest), "--output", output, "--text-encoder", str(tiny_clip)]
+    assert main(argv) == 2
+    assert "yagg preprocess: error" in capsys.readouterr().err
+    assert not list(Path.cwd().glob("gs:*")) and not list(Path.cwd().glob("s3:*"))
 
 
 def test_a_second_run_into_the_same_folder_needs_overwrite(shapes, shapes_run, tiny_clip, capsys):

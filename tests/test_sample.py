@@ -127,8 +127,11 @@ def test_raw_params_are_the_trained_parameters_and_the_ema_the_default(tiny_run)
 
 
 def test_output_names_are_out_itself_for_one_gif_and_numbered_otherwise(tmp_path):
-    assert output_paths(tmp_path / "a.gif", 1, 1) == [[tmp_path / "a.gif"]]
-    assert output_paths(tmp_path / "a.gif", 2, 1) == [[tmp_path / "a-000-00.gif"], [tmp_path / "a-001-00.gif"]]
+    assert output_paths(tmp_path / "a.gif", 1, 1) == [[str(tmp_path / "a.gif")]]
+    assert output_paths(tmp_path / "a.gif", 2, 1) == [
+        [str(tmp_path / "a-000-00.gif")],
+        [str(tmp_path / "a-001-00.gif")],
+    ]
     with pytest.raises(GenerateError, match="must be a .gif"):
         output_paths(tmp_path / "a.png", 1, 1)
 

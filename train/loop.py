@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -27,8 +26,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from contracts import storage
 from contracts.checkpoint import Checkpointer, CheckpointError
-from contracts.dataset import DataError, DataFacts, read_dataset_info, shard_paths
+from contracts.dataset import DataError, DataFacts, local_shards, read_dataset_info
 from inference.generator import GenerateError
 from model.build import build_schedule, build_unet, params_initializer
 from parallel import mesh as mesh_lib
@@ -42,7 +42,7 @@ from yagg.config import ConfigError
 log = logging.getLogger(__name__)
 
 # Errors a user causes with a flag, a config value or a dataset; `yagg train` prints them without a traceback.
-UsageErrors = (ConfigError, DataError, mesh_lib.MeshError, CheckpointError, GenerateError)
+UsageErrors = (ConfigError, DataError, mesh_lib.MeshError, CheckpointError, GenerateError, storage.PathError)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -133,18 +133,19 @@ class _Run:
     samples: SampleWriter | None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
-    """Trains (or resumes) the run in `workdir`; see the module docstring."""
-    workdir = Path(workdir)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+    """Trains (or resumes) the run in `workdir` (a local path or gs://); see the module docstring."""
+    workdir = storage.check(workdir, "--workdir")
+    data_path = storage.check(config.data.path, "data.path")
     _check_config(config)
-    info = read_dataset_info(str(config.data.path))
+    info = read_dataset_info(data_path)
     info.check_fits(config.data)
     if info.splits["train"].examples == 0:
-        raise DataError(f"the dataset at {config.data.path} has no training examples")
-    paths = shard_paths(str(config.data.path), info)
+        raise DataError(f"the dataset at {data_path} has no training examples")
+    paths = local_shards(data_path, info)
     is_writer = jax.process_index() == 0
     if is_writer:
-        workdir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(workdir)
 
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = mesh_lib.logical_rules(config.sharding_rules)
@@ -196,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         )
         samples = None
         if config.sample_every:
-            facts = DataFacts.of_dataset(str(config.data.path), info)
+            facts = DataFacts.of_dataset(data_path, info)
             samples = SampleWriter(config, facts, mesh, plan.shardings.ema_params, workdir)
         logger = MetricsLogger(
             workdir,

@@ -14,11 +14,12 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from clu import metric_writers
+
+from contracts import storage
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,13 @@ def compiled_flops(compiled: Any) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def truncate_metrics_file(path: Path, last_step: int) -> None:
+def truncate_metrics_file(path: str, last_step: int) -> None:
     """Drops lines for steps after `last_step` (written by a run that died before its next checkpoint)."""
-    if not path.is_file():
+    if not storage.is_file(path):
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = storage.read_text(path).splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    storage.write_text(path, "".join(line + "\n" for line in kept))
 
 
 class StepMetrics:
@@ -101,7 +103,7 @@ class MetricsLogger:
 
     def __init__(
         self,
-        workdir: str | Path,
+        workdir: str,
         *,
         is_writer: bool,
         start_step: int,
@@ -110,10 +112,13 @@ class MetricsLogger:
         flops_per_step_per_device: float | None,
         peak_flops_per_device: float | None,
     ) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = workdir
         self._is_writer = is_writer
-        self._writer = metric_writers.create_default_writer(str(self.workdir), just_logging=not is_writer)
-        self._jsonl = self.workdir / METRICS_FILE
+        # TensorFlow writes the events: to a local mirror of the workdir when that is remote, synced at every log.
+        self._events = storage.LocalMirror(workdir) if is_writer else None
+        logdir = self._events.local if self._events else workdir
+        self._writer = metric_writers.create_default_writer(logdir, just_logging=not is_writer)
+        self._jsonl = storage.join(workdir, METRICS_FILE)
         if is_writer:
             truncate_metrics_file(self._jsonl, start_step)
         self._total = total_steps
@@ -143,11 +148,16 @@ class MetricsLogger:
         self._last_step, self._last_time, self._excluded = step, now, 0.0
 
         if self._is_writer:
-            with self._jsonl.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            storage.append_text(self._jsonl, json.dumps(record) + "\n")
         self._writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+        self._sync()
         self._log_progress(record)
         return record
+
+    def _sync(self) -> None:
+        if self._events is not None and storage.is_url(self.workdir):
+            self._writer.flush()
+            self._events.sync()
 
     def _log_progress(self, record: Mapping[str, Any]) -> None:
         step = record["step"]
@@ -165,7 +175,10 @@ class MetricsLogger:
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         self._writer.write_images(step, dict(images))
+        self._sync()
 
     def close(self) -> None:
         self._writer.flush()
         self._writer.close()
+        if self._events is not None:
+            self._events.sync()

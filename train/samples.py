@@ -11,13 +11,12 @@ strip of each sample's frames to TensorBoard.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 
-from contracts import media
+from contracts import media, storage
 from contracts.conditioning import load_conditioner
 from contracts.dataset import DataFacts
 from inference.generator import Generator, Request
@@ -36,7 +35,7 @@ class SampleWriter:
         facts: DataFacts,
         mesh: jax.sharding.Mesh,
         param_shardings: Any,
-        workdir: Path,
+        workdir: str,
     ) -> None:
         self.prompts = [str(p) for p in config.sampling.prompts]
         if not self.prompts:
@@ -58,17 +57,17 @@ class SampleWriter:
             [Request(p, self.seed, d.guidance, d.eta, method=d.method) for p in self.prompts], d.steps
         )
 
-    def __call__(self, step: int, ema_params: Any, logger: MetricsLogger) -> Path | None:
+    def __call__(self, step: int, ema_params: Any, logger: MetricsLogger) -> str | None:
         clips = self._generator.with_params(ema_params, step).generate(self.prompts, [self.seed] * len(self.prompts))
         if jax.process_index() != 0:
             return None
-        out = self.workdir / SAMPLES_DIR / str(step)
+        out = storage.join(self.workdir, SAMPLES_DIR, str(step))
         written = []
         for i, (prompt, pixels) in enumerate(zip(self.prompts, clips.pixels, strict=True)):
             name = f"{i:02d}-{media.prompt_slug(prompt)}.gif"
-            media.write_gif(out / name, pixels, clips.fps)
+            media.write_gif(storage.join(out, name), pixels, clips.fps)
             written.append({"file": name, "prompt": prompt, "seed": self.seed})
-        (out / SAMPLES_FILE).write_text(json.dumps(written, indent=1) + "\n", encoding="utf-8")
+        storage.write_text(storage.join(out, SAMPLES_FILE), json.dumps(written, indent=1) + "\n")
         strips = {f"samples/{i:02d}": media.frame_strip(pixels)[None] for i, pixels in enumerate(clips.pixels)}
         logger.write_images(step, strips)
         return out
