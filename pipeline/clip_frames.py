@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from pipeline import frames, gif
 
@@ -39,24 +40,50 @@ class ClipError(ValueError):
 
 
 def clip_frames(data: bytes, spec: ClipSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (frames uint8 [F, S, S, 3], frame_times_ms float32 [F]) or raises ClipError."""
+    """Returns (frames uint8 [F, S, S, 3], frame_times_ms float32 [F]) or raises ClipError.
+
+    Streams: frame times come from the parsed file before any pixel is decoded, and each chosen frame is resized as
+    soon as it is composited, so the decode holds one logical screen and the clip (`held_bytes`), whatever the
+    number of frames; a GIF for which that exceeds `spec.limits.max_decoded_bytes` is refused as "too large".
+    """
     if not gif.is_gif(data):
         # Recognised by its bytes, not its name: hosts serve GIFs as .gifv/.php and JPEGs as .gif.
         raise ClipError("decode", "not a gif", f"starts with {data[:8]!r}")
     try:
-        decoded = gif.decode(data, spec.limits)
+        animation = gif.parse(data, spec.limits)
     except gif.GifError as e:
         raise ClipError("decode", e.reason, str(e)) from e
-    durations = np.asarray(decoded.durations_ms)
-    if len(decoded.frames) == 1:
+    held, budget = held_bytes(animation.width, animation.height, spec), spec.limits.max_decoded_bytes
+    if held > budget:
+        raise ClipError(
+            "decode",
+            "too large",
+            f"a {animation.width}x{animation.height} screen and {spec.num_frames} frames of {spec.size}x{spec.size}"
+            f" need {held / 2**20:.0f} MiB to decode, over the budget of {budget / 2**20:.0f} MiB",
+        )
+    if len(animation) == 1:
         if not spec.keep_stills:
             raise ClipError("frames", "still image", "the GIF has a single frame (pass --keep-stills to keep stills)")
         # A still has no timeline to sample: every output frame is the one image, shown from time 0.
         indices, times_ms = np.zeros(spec.num_frames, np.int64), np.zeros(spec.num_frames, np.float32)
     else:
         try:
-            indices, times_ms = frames.select_frames(durations, spec.num_frames, spec.fps)
+            indices, times_ms = frames.select_frames(animation.durations_ms, spec.num_frames, spec.fps)
         except frames.ClipTooShort as e:
             raise ClipError("frames", e.reason, str(e)) from e
-    chosen = decoded.frames[np.asarray(indices)]
-    return frames.resize_center_crop(chosen, spec.size), np.asarray(times_ms, np.float32)
+    out = np.empty((spec.num_frames, spec.size, spec.size, 3), np.uint8)
+    # Frame times increase, so the chosen indices do, and a frame shown longer than a sampling step is chosen for
+    # several consecutive outputs: each distinct frame is resized once, into the first of its outputs.
+    distinct, first = np.unique(indices, return_index=True)
+    size = (animation.width, animation.height)
+    for (_, screen), start in zip(animation.screens(distinct.tolist()), first, strict=True):
+        out[start] = frames.center_crop_resize(Image.frombuffer("RGBX", size, screen, "raw", "RGBX", 0, 1), spec.size)
+    repeats = np.flatnonzero(np.diff(indices) == 0) + 1
+    for i in repeats:
+        out[i] = out[i - 1]
+    return out, np.asarray(times_ms, np.float32)
+
+
+def held_bytes(width: int, height: int, spec: ClipSpec) -> int:
+    """The most memory `clip_frames` holds for a width x height GIF: the streaming decode's and the clip's."""
+    return gif.stream_bytes(width, height) + spec.num_frames * spec.size * spec.size * 3
