@@ -86,7 +86,7 @@ class DecodeLimits:
     """Guards against files made to exhaust a worker; all are checked before any frame is decoded.
 
     The defaults admit any GIF a person would watch (a 4096 x 4096 screen; 10,000 frames, over 15 minutes at 10 fps)
-    and keep what one decode holds within 1 GiB of memory.
+    and keep what one decode holds within 512 MiB of memory.
     """
 
     # Area of the logical screen, and of the screen grown to enclose every frame's rectangle ("decompression bomb").
@@ -94,7 +94,7 @@ class DecodeLimits:
     max_frames: int = 10_000  # "too many frames"
     # The most memory one decode may hold ("too large"): for `decode`, its uint8 [N, H, W, 3] array; for a streaming
     # caller, what it keeps plus `stream_bytes` (pipeline/clip_frames.py).
-    max_decoded_bytes: int = 1 << 30
+    max_decoded_bytes: int = 512 << 20
 
 
 @dataclass(frozen=True)

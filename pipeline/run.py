@@ -30,11 +30,15 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.gif import STREAM_BYTES_PER_SCREEN_PIXEL, DecodeLimits
+
 # Defaults of the flags a config's data section can also set (fps: None, time-uniform, is handled apart).
 DEFAULTS = {"frames": 16, "size": 64, "val_fraction": 0.05, "keep_stills": False}
 DEFAULT_TARGET_SHARD_MB = 256.0
+DEFAULT_MAX_DECODE_MB = DecodeLimits().max_decoded_bytes / 2**20
 # Runners that execute in this machine's processes, where local paths are visible to every worker.
 _LOCAL_RUNNERS = {"directrunner", "direct", "fnapirunner", "bundlebaseddirectrunner", "prismrunner", "prism"}
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
 class UsageError(ValueError):
@@ -103,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-gif-mb", type=float, default=32.0, help="GIFs larger than this are dead-lettered (32)")
     parser.add_argument(
+        "--max-decode-mb",
+        type=float,
+        default=DEFAULT_MAX_DECODE_MB,
+        help="MiB of memory one GIF's decode may hold: its logical screen's working buffers "
+        f"({STREAM_BYTES_PER_SCREEN_PIXEL} bytes per pixel) plus its clip's frames. A GIF that would need more is "
+        "dead-lettered as 'too large' instead of risking an out-of-memory kill of a worker "
+        f"({DEFAULT_MAX_DECODE_MB:g}: every screen up to 4096 x 4096 at the default clip size)",
+    )
+    parser.add_argument(
         "--element-timeout",
         type=float,
         default=60.0,
@@ -132,6 +145,7 @@ def preprocess(
     keep_stills: bool = DEFAULTS["keep_stills"],
     overwrite: bool = False,
     max_gif_mb: float = 32.0,
+    max_decode_mb: float = DEFAULT_MAX_DECODE_MB,
     element_timeout_s: float = 60.0,
     fetch_threads: int = 16,
     pipeline_args: Sequence[str] = (),
@@ -160,6 +174,7 @@ def preprocess(
             keep_stills=keep_stills,
             overwrite=overwrite,
             max_gif_mb=max_gif_mb,
+            max_decode_mb=max_decode_mb,
             element_timeout_s=element_timeout_s,
             fetch_threads=fetch_threads,
             pipeline_args=pipeline_args,
@@ -189,6 +204,7 @@ def _plan(
     keep_stills: bool,
     overwrite: bool,
     max_gif_mb: float,
+    max_decode_mb: float,
     element_timeout_s: float,
     fetch_threads: int,
     pipeline_args: Sequence[str],
@@ -207,12 +223,14 @@ def _plan(
     if target_shard_mb is None and num_shards is None:
         target_shard_mb = DEFAULT_TARGET_SHARD_MB
     _check_values(frames, size, fps, val_fraction, num_shards, target_shard_mb, max_gif_mb, element_timeout_s)
+    if not max_decode_mb > 0:
+        raise ValueError(f"--max-decode-mb must be positive, got {max_decode_mb}")
     if fetch_threads < 1:
         raise ValueError(f"--fetch-threads must be at least 1, got {fetch_threads}")
     options = PipelineOptions(_with_default_runner(_checked_beam_args(pipeline_args)))
     runner = options.view_as(StandardOptions).runner or ""
     manifests = tuple(expand_manifests([manifest] if isinstance(manifest, str) else manifest))
-    if runner.lower() not in _LOCAL_RUNNERS:
+    if not _workers_on_this_machine(runner, options):
         _check_remote_paths(runner, manifests, output, text_encoder)
     shards.check_output(output, overwrite)
     # Loading the encoder here fails fast on a wrong name (before any worker starts) and gives its dimensions.
@@ -228,7 +246,13 @@ def _plan(
             "pooled_dim": encoder.pooled_dim,
             "token_dim": encoder.token_dim,
         },
-        clip=ClipSpec(num_frames=frames, size=size, fps=fps, keep_stills=keep_stills),
+        clip=ClipSpec(
+            num_frames=frames,
+            size=size,
+            fps=fps,
+            keep_stills=keep_stills,
+            limits=DecodeLimits(max_decoded_bytes=int(max_decode_mb * 2**20)),
+        ),
         val_fraction=val_fraction,
         num_shards=num_shards,
         target_shard_mb=target_shard_mb,
@@ -320,6 +344,29 @@ def _flag_value(args: list[str], flag: str) -> str | None:
     return value
 
 
+def _workers_on_this_machine(runner: str, options: Any) -> bool:
+    """Whether every worker runs on this machine and so sees its files: a local runner, or Beam's portable runner
+    with its job service in this process or on this machine and an environment whose workers it finds or starts
+    here (LOOPBACK; PROCESS; EXTERNAL, a worker pool, at a loopback address)."""
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    if runner.lower() in _LOCAL_RUNNERS:
+        return True
+    portable = options.view_as(PortableOptions)
+    endpoint = portable.job_endpoint or ""
+    if runner.lower() != "portablerunner" or not (endpoint == "embed" or _host(endpoint) in _LOOPBACK_HOSTS):
+        return False
+    kind = (portable.environment_type or "").upper()
+    return kind in ("LOOPBACK", "PROCESS") or (
+        kind == "EXTERNAL" and _host(portable.environment_config or "") in _LOOPBACK_HOSTS
+    )
+
+
+def _host(address: str) -> str:
+    """The host of HOST:PORT (an IPv6 host in brackets loses them)."""
+    return address.rpartition(":")[0].strip("[]")
+
+
 def _check_remote_paths(runner: str, manifests: Sequence[str], output: str, text_encoder: str) -> None:
     """On a remote runner the workers cannot see this machine's files."""
     local = [path for path in (*manifests, output) if "://" not in path]
@@ -402,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.manifest,
             overwrite=args.overwrite,
             max_gif_mb=args.max_gif_mb,
+            max_decode_mb=args.max_decode_mb,
             element_timeout_s=args.element_timeout,
             fetch_threads=args.fetch_threads,
             pipeline_args=beam_args,
