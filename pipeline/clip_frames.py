@@ -1,8 +1,9 @@
-"""One GIF's bytes -> the frames of its training clip: decode, reject stills, pick frames by time, resize and crop.
+"""One GIF's bytes -> the frames of its training clip: parse, reject stills, pick frames by time, then decode them
+streaming, resizing and cropping each chosen frame as soon as it is composited.
 
 This is the whole image path of the preprocessing job, in one function so it can run in a child process under a
 wall-clock limit (pipeline/timelimit.py). It imports numpy and Pillow only (no JAX, no Beam) and decodes each GIF
-exactly once, however many captions it has.
+exactly once, however many captions it has, holding one logical screen and the clip whatever its number of frames.
 """
 
 from __future__ import annotations

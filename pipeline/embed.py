@@ -23,6 +23,7 @@ local cache once per worker, so Dataflow workers need no access to the hub.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -98,8 +99,13 @@ def _row_chunks(rows: int) -> list[int]:
     return chunks + [rows] if rows else chunks
 
 
+@functools.cache
 def load_text_encoder(name: str) -> CaptionEncoder:
-    """`CaptionEncoder.from_pretrained(name)`, fetching a `scheme://` folder to a local cache first."""
+    """`CaptionEncoder.from_pretrained(name)`, fetching a `scheme://` folder to a local cache first.
+
+    Loaded once per process and name: with the local runner the launcher's check and the worker share one copy, and
+    the text tower compiles once per shape for all the jobs one process runs (tests, benchmarks), not once per job.
+    """
     return CaptionEncoder.from_pretrained(_local_copy(name) if "://" in name else name)
 
 
