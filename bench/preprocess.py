@@ -29,8 +29,11 @@ those extra GIFs. The text tower compiles once per input shape and process (`pip
 one encoder per process), about a second each: every caption is in the same length bucket and the runs are one and
 two full batches (`job.EMBED_BATCH`) of GIFs with one caption each, so both sizes need the one shape that the untimed
 first runs compile. Library imports happen before any timing. Each round runs the small job, the floor and the big
-job, one after the other, and makes a ratio of its own; the figure is the median over rounds, so that load from
-other processes (the development machine is shared) that comes and goes spoils a round, not the figure.
+job, one after the other, and makes a ratio of its own. The development machine is shared, and another process's
+load, which comes and goes, turns a round's ratio into noise (a job run and the floor get different shares of the
+cores): so each round also measures the CPU time that processes other than the benchmark's used during it (from
+/proc/stat), a round counts as quiet when that is under QUIET of the machine, rounds run until 3 are quiet (at most
+8), and the figure is the median over the quiet rounds (over all rounds, and said so, when none was quiet).
 
 CPU time says what the job costs whatever share of the cores it got, which matters on a machine that others load:
 `cpu_time_ratio_on_idle_cores`, the floor's CPU seconds per GIF ÷ the job's (its process and its decoding children,
@@ -81,9 +84,10 @@ CORPUS = REPO.parent / "shared" / "corpus" / "pillow-gifs"
 DEBIAN_GIFS = REPO / ".cache" / "debian" / "wand-doc" / "usr" / "share" / "doc" / "wand-doc" / "html" / "_images"
 CANVAS_RANGE, FRAMES_RANGE = (200, 640), (100, 800)
 LONG = 100  # frames from which a GIF counts as long (`long_gif_clip_vs_pillow_walk`)
-# (distinct long shapes GIFs, rounds, repeats per GIF against Pillow)
-FULL = (16, 3, 3)
-QUICK = (6, 1, 1)
+# (distinct long shapes GIFs, quiet rounds wanted, most rounds run, repeats per GIF against Pillow)
+FULL = (16, 3, 8, 3)
+QUICK = (6, 1, 2, 1)
+QUIET = 0.1  # a round is quiet when other processes used less than this share of the machine's CPU during it
 # The small run is one batch of job.EMBED_BATCH GIFs, the big one two (see the module doc).
 REAL_CAPTION = "a real animation"  # as short as the shapes captions: every caption is in the first length bucket
 
@@ -170,9 +174,17 @@ def _floor(pool, cores: int, count: int) -> tuple[float, float]:
     return rate, sum(cpu for _, _, cpu in spans) / (cores * count)
 
 
-def _round(small: tuple[float, float], floor: tuple[float, float], big: tuple[float, float], count: int, load: float):
+def _machine_busy_s() -> float:
+    """CPU seconds all processes of the machine have used since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _, _, irq, softirq, steal = (int(v) for v in stat.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _round(small: tuple[float, float], floor: tuple[float, float], big: tuple[float, float], count: int, others: float):
     """One round's figures from its (wall s, CPU s) of the small and big job runs and (GIFs/s, CPU s per GIF) of the
-    floor, with `count` GIFs more in the big run than the small one."""
+    floor, with `count` GIFs more in the big run than the small one; `others` is the share of the machine's CPU that
+    other processes used meanwhile."""
     (small_s, small_cpu), (floor_rate, floor_cpu), (big_s, big_cpu) = small, floor, big
     job_rate, job_cpu = count / (big_s - small_s), (big_cpu - small_cpu) / count
     return {
@@ -185,7 +197,8 @@ def _round(small: tuple[float, float], floor: tuple[float, float], big: tuple[fl
         "floor_cpu_ms_per_gif": round(floor_cpu * 1e3, 1),
         "small_s": round(small_s, 2),
         "big_s": round(big_s, 2),
-        "load_average_1min": round(load, 2),
+        "others_cpu_share": round(others, 3),
+        "quiet": others < QUIET,
     }
 
 
@@ -319,7 +332,7 @@ def _worker_pool():
 def main() -> None:
     global _FORKED_FLOOR
     args = parse_args(__doc__.splitlines()[0])
-    distinct, rounds, repeats = QUICK if args.quick else FULL
+    distinct, quiet_rounds, max_rounds, repeats = QUICK if args.quick else FULL
     num_small, num_big = job.EMBED_BATCH, 2 * job.EMBED_BATCH
     config = tgif64.get_config().data
     data = {"frames": config.frames, "size": config.size, "fps": config.fps, "num_shards": 2}
@@ -347,22 +360,27 @@ def main() -> None:
             with _PeakRss(os.getpid()) as local_peaks:
                 job_process_peak_mib = _own_peak_mib(lambda: _run_job(big, tmp / "out-big", clip, data))
             measured = []
-            for _ in range(rounds):
+            while sum(r["quiet"] for r in measured) < quiet_rounds and len(measured) < max_rounds:
+                busy, start = _machine_busy_s(), time.perf_counter()
                 small_run = _timed(lambda: _run_job(small, tmp / "out-small", clip, data))
                 floor = _floor(pool, cores, len(extra))
                 big_run = _timed(lambda: _run_job(big, tmp / "out-big", clip, data))
-                measured.append(_round(small_run, floor, big_run, len(extra), os.getloadavg()[0]))
+                ours = small_run[1] + floor[1] * cores * len(extra) + big_run[1]
+                others = (_machine_busy_s() - busy - ours) / ((time.perf_counter() - start) * cores)
+                measured.append(_round(small_run, floor, big_run, len(extra), others))
         with _worker_pool() as (pool_pid, port), _PeakRss(pool_pid) as portable_peaks:
             portable = ("--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL")
             _run_job(big, tmp / "out-portable", clip, data, (*portable, f"--environment_config=localhost:{port}"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    median = {key: float(np.median([r[key] for r in measured])) for key in measured[0]}
+    counted = [r for r in measured if r["quiet"]] or measured
+    median = {key: float(np.median([r[key] for r in counted])) for key in measured[0] if key != "quiet"}
     frame_counts = [len(a) for a in animations]
     sides = [min(a.width, a.height) for a in animations]
     details = {
         "medians": {key: round(value, 2) for key, value in median.items()},
+        "rounds_counted": f"the {len(counted)} quiet one(s)" if counted is not measured else "all: none was quiet",
         "rounds": measured,
         "job_fixed_cost_s": round(median["small_s"] - num_small / median["job_gifs_per_s"], 2),
         "job_end_to_end_gifs_per_s": round(num_big / median["big_s"], 2),
