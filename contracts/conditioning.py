@@ -23,6 +23,7 @@ Hugging Face layout) or as a folder URL such as `gs://bucket/clip/`, copied to a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -136,10 +137,13 @@ def _row_chunks(rows: int) -> list[int]:
     return chunks + [rows] if rows else chunks
 
 
+@functools.cache
 def load_conditioner(name: str) -> TextConditioner:
     """The conditioner of the CLIP `name` (hub id, local folder, or folder URL copied to a local cache first).
 
-    Raises OSError or ValueError (from model/clip) for a name that does not load."""
+    Loaded once per process and name: with the local runner the launcher's check and the worker share one copy, and
+    the text tower compiles once per shape for everything one process encodes. Raises OSError or ValueError (from
+    model/clip) for a name that does not load."""
     return TextConditioner(TextEncoder.from_pretrained(storage.local_copy(name)), name)
 
 

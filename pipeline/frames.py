@@ -70,15 +70,21 @@ def resize_center_crop(frames: np.ndarray, size: int) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    out = np.empty((len(frames), size, size, 3), np.uint8)
+    for i, frame in enumerate(frames):
+        out[i] = center_crop_resize(Image.fromarray(frame), size)
+    return out
+
+
+def center_crop_resize(image: Image.Image, size: int) -> np.ndarray:
+    """One frame as an RGB or RGBX Pillow image -> uint8 [size, size, 3], as `resize_center_crop` makes it."""
     if size < 1:
         raise ValueError(f"size must be at least 1, got {size}")
-    height, width = frames.shape[1:3]
+    width, height = image.size
     side = min(height, width)
     # Resampling straight from the centred square (a float box, so odd margins split exactly) is the same as scaling
     # the shorter side to `size` and cropping the middle, without resizing pixels that are then thrown away.
     left, top = (width - side) / 2, (height - side) / 2
     box = (left, top, left + side, top + side)
-    out = np.empty((len(frames), size, size, 3), np.uint8)
-    for i, frame in enumerate(frames):
-        out[i] = np.asarray(Image.fromarray(frame).resize((size, size), RESAMPLE, box=box, reducing_gap=None))
-    return out
+    resized = np.asarray(image.resize((size, size), RESAMPLE, box=box, reducing_gap=None))
+    return resized[..., :3]

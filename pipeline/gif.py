@@ -1,9 +1,17 @@
 """Decodes a GIF file into the frames a viewer sees and how long each is shown.
 
-One pass over the file: the block structure is parsed here, so every size and count is checked against
-`DecodeLimits` before any pixel buffer exists; each frame's LZW data is decoded by Pillow's C decoder; the frames are
-composited on the logical screen in numpy, following the GIF89a disposal rules as ImageMagick's `-coalesce` and
-browsers do. `tests/test_gif.py` holds the result to ImageMagick's on Pillow's collection of awkward GIFs.
+Two steps. `parse` walks the block structure, so every size and count is checked against `DecodeLimits`, and every
+frame's timing (from its Graphic Control Extension) is known, before any pixel buffer exists. `Animation.screens`
+then streams: it composites the frames one by one on a single logical screen, in numpy, following the GIF89a disposal
+rules as ImageMagick's `-coalesce` and browsers do, and yields the screen whenever a frame asked for is on, so memory
+is one screen whatever the frame count (pipeline/clip_frames.py keeps only the frames it samples, resized). Frames
+that a later opaque full-screen frame hides before the next one asked for are not decoded at all. Each frame's LZW
+data is decoded by Pillow's C decoder. `decode` collects every frame, for callers that want them all.
+`tests/test_gif.py` holds the result to ImageMagick's on Pillow's collection of awkward GIFs and real animations.
+
+The screen is kept as one 32-bit word per pixel, RGBX (X, a padding byte, is 0): numpy moves aligned words far faster
+than 3-byte pixels, and Pillow reads that layout in place (`Image.frombuffer(..., "RGBX")`), so a kept frame is
+resized without a conversion.
 
 Conventions a caller can rely on:
   * Pixels that no frame has painted (transparent ones) are `BACKGROUND_RGB`, white. GIF transparency is one bit,
@@ -32,8 +40,10 @@ Conventions a caller can rely on:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,8 +61,13 @@ _IMAGE_DESCRIPTOR = 0x2C
 _GRAPHIC_CONTROL = 0xF9
 _DISPOSE_BACKGROUND = 2
 _DISPOSE_PREVIOUS = 3
-_PIXEL = np.dtype("V3")  # one RGB pixel as an opaque 3-byte item: numpy copies these far faster than [..., 3] rows
-_NO_PALETTE = np.zeros((256, 3), np.uint8).view(_PIXEL)[:, 0]
+_PIXEL = np.dtype("<u4")  # one RGBX pixel, R in the lowest byte, so its bytes lie in memory as R, G, B, X
+_NO_PALETTE = np.zeros(256, _PIXEL)
+_BACKGROUND = np.array([*BACKGROUND_RGB, 0], np.uint8).view(_PIXEL)[0]
+# The most bytes that streaming holds per pixel of the logical screen: the screen (4), what "restore to previous"
+# saves of it (4), a frame's colour indices (1), a transparent frame's opacity mask (1) and colour lookup (4), and for
+# a frame whose LZW data stops early a second decode of its indices and two masks (3).
+STREAM_BYTES_PER_SCREEN_PIXEL = 17
 _MAX_MIN_CODE_SIZE = 11  # LZW codes are at most 12 bits, and the code table needs room beyond the literal codes
 
 
@@ -71,13 +86,15 @@ class DecodeLimits:
     """Guards against files made to exhaust a worker; all are checked before any frame is decoded.
 
     The defaults admit any GIF a person would watch (a 4096 x 4096 screen; 10,000 frames, over 15 minutes at 10 fps)
-    and keep one decoded GIF within 1 GiB of memory.
+    and keep what one decode holds within 512 MiB of memory.
     """
 
     # Area of the logical screen, and of the screen grown to enclose every frame's rectangle ("decompression bomb").
     max_canvas_pixels: int = 4096 * 4096
     max_frames: int = 10_000  # "too many frames"
-    max_decoded_bytes: int = 1 << 30  # size of the decoded uint8 [N, H, W, 3] array ("too large")
+    # The most memory one decode may hold ("too large"): for `decode`, its uint8 [N, H, W, 3] array; for a streaming
+    # caller, what it keeps plus `stream_bytes` (pipeline/clip_frames.py).
+    max_decoded_bytes: int = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -108,15 +125,109 @@ def is_gif(data: bytes) -> bool:
     return data[:6] in GIF_SIGNATURES
 
 
+def parse(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Animation:
+    """Reads a GIF's structure and timing, checked against `limits`; no pixel is decoded. Raises GifError."""
+    width, height, frames = _parse(data, limits)
+    return Animation(data, width, height, tuple(frames))
+
+
 def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedGif:
     """Decodes every frame of a GIF, composited as a viewer shows it. Raises GifError for anything undecodable."""
-    width, height, frames = _parse(data, limits)
-    if len(frames) * height * width * 3 > limits.max_decoded_bytes:
+    animation = parse(data, limits)
+    count, width, height = len(animation), animation.width, animation.height
+    if count * height * width * 3 > limits.max_decoded_bytes:
         raise GifError(
-            "too large", f"{len(frames)} frames of {width}x{height} exceed {limits.max_decoded_bytes} decoded bytes"
+            "too large", f"{count} frames of {width}x{height} exceed {limits.max_decoded_bytes} decoded bytes"
         )
-    delays_ms = np.array([frame.delay_cs for frame in frames], np.int32) * 10
-    return DecodedGif(frames=_composite(data, width, height, frames), durations_ms=browser_durations_ms(delays_ms))
+    frames = np.empty((count, height, width, 3), np.uint8)
+    for i, screen in animation.screens():
+        frames[i] = screen[..., :3]
+    return DecodedGif(frames=frames, durations_ms=animation.durations_ms)
+
+
+def stream_bytes(width: int, height: int) -> int:
+    """The most memory `Animation.screens` holds at once for a width x height logical screen, whatever the frames."""
+    return width * height * STREAM_BYTES_PER_SCREEN_PIXEL
+
+
+class Animation:
+    """A parsed GIF: its logical screen, each frame's timing and where its pixels lie in the file. `screens` decodes."""
+
+    def __init__(self, data: bytes, width: int, height: int, frames: tuple[_Frame, ...]) -> None:
+        self._data = data
+        self._frames = frames
+        self.width = width
+        self.height = height
+        # int32 [N]: how long each frame is shown, after the browser rule for short delays.
+        self.durations_ms = browser_durations_ms(np.array([f.delay_cs for f in frames], np.int32) * 10)
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def screens(self, indices: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields (i, the logical screen as shown while frame i is on) for each i of `indices` (increasing; default:
+        every frame), the screen as read-only uint8 [H, W, 4] RGBX (see the module doc).
+
+        Every step yields the same buffer, redrawn in place by the next one: a caller copies what it keeps. Frames
+        are drawn in order, each disposed of as it asks before the next is drawn, except that drawing restarts from
+        the latest frame that replaces the whole screen (see `_replaces_screen`) before the next frame asked for:
+        the frames before it cannot show through, so their pixels are never decoded.
+        """
+        data, width, height = memoryview(self._data), self.width, self.height
+        pixels = np.full((height, width), _BACKGROUND, _PIXEL)
+        shown = pixels.view(np.uint8).reshape(height, width, 4)
+        shown.flags.writeable = False
+        keys = [i for i, frame in enumerate(self._frames) if _replaces_screen(frame, width, height)]
+        position = 0  # `pixels` holds the screen as it is just before frame `position` is drawn
+        for target in range(len(self)) if indices is None else indices:
+            if not position <= target < len(self):
+                raise ValueError(
+                    f"frames must be asked for in increasing order from 0 to {len(self) - 1}: {target} came after"
+                    f" {position - 1}"
+                )
+            decoded = self._latest_complete_key(data, keys, position, target)
+            if decoded is not None:
+                position, decoded = decoded
+            for i in range(position, target + 1):
+                frame = self._frames[i]
+                # The part of the frame's rectangle that lies on the screen.
+                x0, y0 = min(frame.left, width), min(frame.top, height)
+                x1, y1 = min(frame.left + frame.width, width), min(frame.top + frame.height, height)
+                region = pixels[y0:y1, x0:x1]
+                saved = region.copy() if frame.disposal == _DISPOSE_PREVIOUS else None
+                _paint(region, frame, *(decoded or _decode_indices(data, frame)))
+                decoded = None
+                if i == target:
+                    yield i, shown
+                if frame.disposal == _DISPOSE_BACKGROUND:
+                    region[...] = _BACKGROUND
+                elif saved is not None:
+                    region[...] = saved
+            position = target + 1
+
+    def _latest_complete_key(
+        self, data: memoryview, keys: list[int], position: int, target: int
+    ) -> tuple[int, tuple[np.ndarray, None]] | None:
+        """The latest frame after `position` and up to `target` that replaces the whole screen, with its decoded
+        indices; None when there is none. A candidate whose LZW data stops early leaves pixels unpainted, through which
+        the frames before it show, so the one before it is tried (such frames are rare)."""
+        for key in reversed(keys[bisect.bisect_right(keys, position) : bisect.bisect_right(keys, target)]):
+            indices, painted = _decode_indices(data, self._frames[key])
+            if painted is None:
+                return key, (indices, None)
+        return None
+
+
+def _replaces_screen(frame: _Frame, width: int, height: int) -> bool:
+    """Whether the frame, when its LZW data is complete, leaves nothing of the screen before it visible, during or
+    after it: it covers the screen, has no transparent colour, and does not ask to restore the screen before it."""
+    return (
+        frame.left == frame.top == 0
+        and frame.width >= width
+        and frame.height >= height
+        and frame.transparent_index is None
+        and frame.disposal != _DISPOSE_PREVIOUS
+    )
 
 
 def browser_durations_ms(delays_ms: np.ndarray) -> np.ndarray:
@@ -161,9 +272,9 @@ class _Reader:
         """A colour table of 2**(flags&7 + 1) entries, padded to 256 with its first colour (see the module doc)."""
         size = 2 ** ((flags & 7) + 1)
         table = np.frombuffer(self.take(3 * size), np.uint8).reshape(size, 3)
-        padded = np.empty((256, 3), np.uint8)
-        padded[:size] = table
-        padded[size:] = table[0]
+        padded = np.zeros((256, 4), np.uint8)
+        padded[:size, :3] = table
+        padded[size:, :3] = table[0]
         return padded.view(_PIXEL)[:, 0]
 
 
@@ -242,51 +353,41 @@ def _parse(data: bytes, limits: DecodeLimits) -> tuple[int, int, list[_Frame]]:
     return width, height, frames
 
 
-def _decode_indices(data: bytes, frame: _Frame) -> tuple[np.ndarray, np.ndarray | None]:
+def _decode_indices(data: memoryview, frame: _Frame) -> tuple[np.ndarray, np.ndarray | None]:
     """Colour indices uint8 [h, w] of one frame, and which of them its LZW data covers (None: all)."""
-    size, lzw, args = (frame.width, frame.height), data[frame.lzw], (frame.min_code_size, frame.interlaced, -1)
-    image = Image.new("L", size, 0)
+    lzw, args = data[frame.lzw], (frame.min_code_size, frame.interlaced, -1)
+    # Pillow's decoder writes straight into the numpy array (an "L" image mapped onto its memory).
+    indices = np.zeros((frame.height, frame.width), np.uint8)
     try:
-        image.frombytes(lzw, "gif", *args)
-        return np.asarray(image), None
+        _as_image(indices).frombytes(lzw, "gif", *args)
+        return indices, None
     except ValueError:  # the LZW data stopped before the last pixel or turned invalid: Pillow keeps what it wrote
         pass
     # Which pixels were written shows by decoding again onto another fill value: a written pixel has the same value
-    # in both images, an unwritten one is 0 in the first and 255 in the second.
-    other = Image.new("L", size, 255)
+    # in both arrays, an unwritten one is 0 in the first and 255 in the second.
+    other = np.full_like(indices, 255)
     with contextlib.suppress(ValueError):
-        other.frombytes(lzw, "gif", *args)
-    indices = np.asarray(image)
-    return indices, indices == np.asarray(other)
+        _as_image(other).frombytes(lzw, "gif", *args)
+    return indices, indices == other
 
 
-def _composite(data: bytes, width: int, height: int, frames: list[_Frame]) -> np.ndarray:
-    """Draws the frames in order on the logical screen, disposing of each as it asks before drawing the next."""
-    out = np.empty((len(frames), height, width, 3), np.uint8)
-    screen = np.empty((height, width, 3), np.uint8)
-    screen[:] = BACKGROUND_RGB
-    pixels = screen.view(_PIXEL)[..., 0]  # [H, W], the same memory
-    background = np.array(BACKGROUND_RGB, np.uint8).view(_PIXEL)[0]
-    for i, frame in enumerate(frames):
-        # The part of the frame's rectangle that lies on the screen.
-        x0, y0 = min(frame.left, width), min(frame.top, height)
-        x1, y1 = min(frame.left + frame.width, width), min(frame.top + frame.height, height)
-        region = pixels[y0:y1, x0:x1]
-        saved = region.copy() if frame.disposal == _DISPOSE_PREVIOUS else None
-        indices, painted = _decode_indices(data, frame)
-        indices = indices[: y1 - y0, : x1 - x0]
-        if painted is not None:
-            painted = painted[: y1 - y0, : x1 - x0]
-        if frame.transparent_index is not None:
-            opaque = indices != frame.transparent_index
-            painted = opaque if painted is None else painted & opaque
-        if painted is None:
-            np.take(frame.palette, indices, out=region)
-        else:
-            np.copyto(region, frame.palette[indices], where=painted)
-        out[i] = screen
-        if frame.disposal == _DISPOSE_BACKGROUND:
-            region[...] = background
-        elif saved is not None:
-            region[...] = saved
-    return out
+def _as_image(indices: np.ndarray) -> Image.Image:
+    height, width = indices.shape
+    return Image.frombuffer("L", (width, height), indices, "raw", "L", 0, 1)
+
+
+def _paint(region: np.ndarray, frame: _Frame, indices: np.ndarray, painted: np.ndarray | None) -> None:
+    """Paints a frame's decoded pixels (`_decode_indices`) onto `region`, the part of the screen under its rectangle,
+    leaving its transparent and undecoded pixels as they were."""
+    height, width = region.shape
+    indices = indices[:height, :width]
+    if painted is not None:
+        painted = painted[:height, :width]
+    if frame.transparent_index is not None:
+        opaque = indices != frame.transparent_index
+        painted = opaque if painted is None else painted & opaque
+    # Indices are bytes and palettes have 256 entries, so no index is out of range ("wrap" skips numpy's check).
+    if painted is None:
+        np.take(frame.palette, indices, out=region, mode="wrap")
+    else:
+        np.copyto(region, np.take(frame.palette, indices, mode="wrap"), where=painted)

@@ -33,10 +33,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from contracts.dataset import DatasetInfo
+from pipeline.gif import STREAM_BYTES_PER_SCREEN_PIXEL, DecodeLimits
 
 DEFAULT_TARGET_SHARD_MB = 256.0
+DEFAULT_MAX_DECODE_MB = DecodeLimits().max_decoded_bytes / 2**20
 # Runners that execute in this machine's processes, where local paths are visible to every worker.
 _LOCAL_RUNNERS = {"directrunner", "direct", "fnapirunner", "bundlebaseddirectrunner", "prismrunner", "prism"}
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
 class UsageError(ValueError):
@@ -104,6 +107,14 @@ class Settings:
         False, "replace the dataset in a non-empty --output (only the job's own files are removed)", action="store_true"
     )
     max_gif_mb: float = _setting(32.0, "GIFs larger than this are dead-lettered (32)", type=float)
+    max_decode_mb: float = _setting(
+        DEFAULT_MAX_DECODE_MB,
+        "MiB of memory one GIF's decode may hold: its logical screen's working buffers "
+        f"({STREAM_BYTES_PER_SCREEN_PIXEL} bytes per pixel) plus its clip's frames. A GIF that would need more is "
+        "dead-lettered as 'too large' instead of risking an out-of-memory kill of a worker "
+        f"({DEFAULT_MAX_DECODE_MB:g}: every screen up to 4096 x 4096 at the default clip size)",
+        type=float,
+    )
     element_timeout_s: float = _setting(
         60.0,
         "seconds one GIF may take to decode, choose and resize frames before it is dead-lettered as 'timeout' (60)",
@@ -136,6 +147,7 @@ class Settings:
                 "give --num-shards or --target-shard-mb, not both",
             ),
             (self.max_gif_mb > 0, f"--max-gif-mb must be positive, got {self.max_gif_mb}"),
+            (self.max_decode_mb > 0, f"--max-decode-mb must be positive, got {self.max_decode_mb}"),
             (self.element_timeout_s > 0, f"--element-timeout must be positive, got {self.element_timeout_s}"),
             (self.fetch_threads >= 1, f"--fetch-threads must be at least 1, got {self.fetch_threads}"),
         ]
@@ -244,7 +256,7 @@ def _plan(settings: Settings, pipeline_args: Sequence[str]) -> tuple[Any, Any]:
     options = PipelineOptions(_with_default_runner(_checked_beam_args(pipeline_args)))
     runner = options.view_as(StandardOptions).runner or ""
     manifests = tuple(expand_manifests(list(settings.manifests)))
-    if runner.lower() not in _LOCAL_RUNNERS:
+    if not _workers_on_this_machine(runner, options):
         _check_remote_paths(runner, manifests, settings.output, settings.text_encoder)
     shards.check_output(settings.output, settings.overwrite)
     # Loading the encoder here fails fast on a wrong name (before any worker starts) and gives its dimensions.
@@ -256,7 +268,11 @@ def _plan(settings: Settings, pipeline_args: Sequence[str]) -> tuple[Any, Any]:
         run_id=uuid.uuid4().hex[:12],
         text_encoder=conditioner.info,
         clip=ClipSpec(
-            num_frames=settings.frames, size=settings.size, fps=settings.fps, keep_stills=settings.keep_stills
+            num_frames=settings.frames,
+            size=settings.size,
+            fps=settings.fps,
+            keep_stills=settings.keep_stills,
+            limits=DecodeLimits(max_decoded_bytes=int(settings.max_decode_mb * 2**20)),
         ),
         val_fraction=settings.val_fraction,
         num_shards=settings.num_shards,
@@ -316,6 +332,29 @@ def _flag_value(args: list[str], flag: str) -> str | None:
         elif arg == flag and i + 1 < len(args):
             value = args[i + 1]
     return value
+
+
+def _workers_on_this_machine(runner: str, options: Any) -> bool:
+    """Whether every worker runs on this machine and so sees its files: a local runner, or Beam's portable runner
+    with its job service in this process or on this machine and an environment whose workers it finds or starts
+    here (LOOPBACK; PROCESS; EXTERNAL, a worker pool, at a loopback address)."""
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    if runner.lower() in _LOCAL_RUNNERS:
+        return True
+    portable = options.view_as(PortableOptions)
+    endpoint = portable.job_endpoint or ""
+    if runner.lower() != "portablerunner" or not (endpoint == "embed" or _host(endpoint) in _LOOPBACK_HOSTS):
+        return False
+    kind = (portable.environment_type or "").upper()
+    return kind in ("LOOPBACK", "PROCESS") or (
+        kind == "EXTERNAL" and _host(portable.environment_config or "") in _LOOPBACK_HOSTS
+    )
+
+
+def _host(address: str) -> str:
+    """The host of HOST:PORT (an IPv6 host in brackets loses them)."""
+    return address.rpartition(":")[0].strip("[]")
 
 
 def _check_remote_paths(runner: str, manifests: Sequence[str], output: str, text_encoder: str) -> None:

@@ -85,11 +85,17 @@ def training_combinations() -> list[tuple[str, str]]:
     return [(c, d) for c in COLORS for d in DIRECTIONS if (c, d) not in HELDOUT]
 
 
-def _sample_clip(rng: np.random.Generator, index: int, combo: tuple[str, str]) -> Clip:
+def _sample_clip(
+    rng: np.random.Generator,
+    index: int,
+    combo: tuple[str, str],
+    canvas_range: tuple[int, int],
+    frames_range: tuple[int, int],
+) -> Clip:
     color, direction = combo
     shape = SHAPES[rng.integers(len(SHAPES))]
-    width, height = (int(v) for v in rng.integers(CANVAS_RANGE[0], CANVAS_RANGE[1] + 1, size=2))
-    num_frames = int(rng.integers(FRAMES_RANGE[0], FRAMES_RANGE[1] + 1))
+    width, height = (int(v) for v in rng.integers(canvas_range[0], canvas_range[1] + 1, size=2))
+    num_frames = int(rng.integers(frames_range[0], frames_range[1] + 1))
     base_cs = int(rng.integers(DELAY_RANGE_MS[0] // 10, DELAY_RANGE_MS[1] // 10 + 1))
     if rng.random() < 0.25:  # jittered delays, as in GIFs exported from videos with dropped frames
         low, high = DELAY_RANGE_MS[0] // 10, DELAY_RANGE_MS[1] // 10
@@ -190,8 +196,15 @@ def write_gif(clip: Clip, path: Path, disposal: int) -> None:
     )
 
 
-def make_shapes(out_dir: str | Path, num: int, seed: int = 0) -> Path:
-    """Writes `num` training clips (held-out combinations excluded) and returns the manifest's path."""
+def make_shapes(
+    out_dir: str | Path,
+    num: int,
+    seed: int = 0,
+    canvas_range: tuple[int, int] = CANVAS_RANGE,
+    frames_range: tuple[int, int] = FRAMES_RANGE,
+) -> Path:
+    """Writes `num` training clips (held-out combinations excluded) and returns the manifest's path. The ranges
+    (inclusive) of canvas side and frame count default to the demo's; bench/preprocess.py makes long, large ones."""
     if num < 1:
         raise ValueError(f"--num must be at least 1, got {num}")
     out = Path(out_dir)
@@ -201,7 +214,7 @@ def make_shapes(out_dir: str | Path, num: int, seed: int = 0) -> Path:
     clips = []
     for i in range(num):
         # Cycle through the combinations so every one is represented even in small sets.
-        clip = _sample_clip(rng, i, combos[i % len(combos)])
+        clip = _sample_clip(rng, i, combos[i % len(combos)], canvas_range, frames_range)
         write_gif(clip, out / clip.path, disposal=int(rng.choice([1, 2])))
         clips.append(clip)
     manifest = out / "manifest.tsv"

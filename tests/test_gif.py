@@ -1,9 +1,12 @@
-"""The GIF decoder: ImageMagick's view of Pillow's collection of awkward GIFs, and GIFs built here byte by byte."""
+"""The GIF decoder: ImageMagick's view of Pillow's collection of awkward GIFs and of real animations from Debian's
+documentation, and GIFs built here byte by byte."""
 
+import dataclasses
 import io
 import os
 import struct
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,10 +14,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import gif
+from pipeline import clip_frames, gif
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "pillow-gifs"
-CORPUS_FILES = sorted(p.name for p in CORPUS.glob("*.gif"))
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "corpus" / "pillow-gifs"
+# The images of Debian's wand-doc package (real animations among them), unpacked there by .ci/run.
+DEBIAN_GIFS = REPO / ".cache" / "debian" / "wand-doc" / "usr" / "share" / "doc" / "wand-doc" / "html" / "_images"
+
+
+def _reference_files() -> list:
+    params = []
+    for folder, missing in (
+        (CORPUS, f"no corpus at {CORPUS}"),
+        (DEBIAN_GIFS, f"Debian's wand-doc images are not at {DEBIAN_GIFS}: bash .ci/run fetches them"),
+    ):
+        paths = sorted(folder.glob("*.gif"))
+        params += [pytest.param(path, id=f"{folder.name}/{path.name}") for path in paths] or [
+            pytest.param(None, id=folder.name, marks=pytest.mark.skip(missing))
+        ]
+    return params
+
 
 # Files that must fail, with the reason. Every other corpus file must decode exactly as ImageMagick coalesces it.
 # (Where ImageMagick and browsers part ways the decoder follows browsers, and no corpus file goes there: ImageMagick
@@ -51,25 +70,25 @@ def _imagemagick() -> tuple[list[str], list[str]] | None:
 IMAGEMAGICK = _imagemagick()
 
 
-@pytest.mark.parametrize("name", CORPUS_FILES or [pytest.param("", marks=pytest.mark.skip(f"no corpus at {CORPUS}"))])
-def test_corpus_file_matches_imagemagick(name, tmp_path):
-    data = (CORPUS / name).read_bytes()
-    if name in EXPECTED_ERRORS:
+@pytest.mark.parametrize("path", _reference_files())
+def test_real_file_matches_imagemagick(path, tmp_path):
+    data = path.read_bytes()
+    if path.name in EXPECTED_ERRORS:
         with pytest.raises(gif.GifError) as info:
             gif.decode(data)
-        assert info.value.reason == EXPECTED_ERRORS[name]
+        assert info.value.reason == EXPECTED_ERRORS[path.name]
         return
     if IMAGEMAGICK is None:
         pytest.skip("ImageMagick is not installed (Debian package imagemagick); it is the reference decoder")
     convert, identify = IMAGEMAGICK
-    subprocess.run([*convert, CORPUS / name, "-coalesce", tmp_path / "frame-%03d.png"], check=True, capture_output=True)
+    subprocess.run([*convert, path, "-coalesce", tmp_path / "frame-%03d.png"], check=True, capture_output=True)
     reference = []
-    for path in sorted(tmp_path.glob("frame-*.png")):
-        rgba = np.asarray(Image.open(path).convert("RGBA"))
+    for png in sorted(tmp_path.glob("frame-*.png")):
+        rgba = np.asarray(Image.open(png).convert("RGBA"))
         assert np.isin(rgba[..., 3], (0, 255)).all(), "GIF transparency is all or nothing"
         reference.append(np.where(rgba[..., 3:] == 255, rgba[..., :3], np.array(gif.BACKGROUND_RGB, np.uint8)))
     delays_cs = subprocess.run(
-        [*identify, "-format", "%T\n", CORPUS / name], check=True, capture_output=True, text=True
+        [*identify, "-format", "%T\n", path], check=True, capture_output=True, text=True
     ).stdout.split()
 
     decoded = gif.decode(data)
@@ -81,6 +100,10 @@ def test_corpus_file_matches_imagemagick(name, tmp_path):
     expected_ms = gif.browser_durations_ms(np.array([int(d) * 10 for d in delays_cs]))
     np.testing.assert_array_equal(decoded.durations_ms, expected_ms)
     assert decoded.durations_ms.dtype == np.int32
+    # Streaming a few of the frames, as the preprocessing job does, skips what they do not depend on.
+    some = sorted({*range(len(reference) - 1, 0, -7), len(reference) - 1})
+    for i, screen in gif.parse(data).screens(some):
+        assert np.array_equal(screen[..., :3], reference[i]), f"frame {i} streamed alone"
 
 
 # GIFs written byte by byte, so that every field is what the test says.
@@ -323,3 +346,93 @@ def test_limits():
     with pytest.raises(gif.GifError) as info:
         gif.decode(_gif(4, 3, [Frame([[0]], left=3, top=3)]), gif.DecodeLimits(max_canvas_pixels=12))
     assert info.value.reason == "decompression bomb"  # the frame reaches out to 4 x 4
+
+
+def test_streaming_restarts_at_the_latest_frame_that_covers_the_screen_whole():
+    full = [[2, 2, 2], [2, 2, 2]]
+    data = bytearray(
+        _gif(
+            3,
+            2,
+            [
+                Frame([[0, 0, 0], [0, 0, 0]]),
+                Frame([[1]], left=1),
+                Frame(full),  # covers the screen: nothing drawn before it can show
+                Frame([[3]], left=2, top=1),
+                Frame(full, disposal=3),  # covers it, but restores what was under it afterwards
+                Frame([[0]]),
+                Frame(full, transparent=3),  # covers it, but could let pixels through
+                Frame([[1]]),
+            ],
+        )
+    )
+    decoded = gif.decode(bytes(data))
+    animation = gif.parse(bytes(data))
+    for wanted in ([3], [5], [7], [1, 3, 7], [0, 2, 4, 6]):
+        streamed = {i: screen[..., :3].copy() for i, screen in animation.screens(wanted)}
+        assert list(streamed) == wanted
+        for i, screen in streamed.items():
+            np.testing.assert_array_equal(screen, decoded.frames[i], err_msg=f"frame {i} of {wanted}")
+    with pytest.raises(ValueError, match="increasing order"):
+        list(animation.screens([3, 2]))
+
+    # The covering frame's LZW data stops after 4 pixels: the 2 it leaves unpainted show the frames before it.
+    start = data.index(_lzw(np.array(full, np.uint8)))
+    data[start : start + len(_lzw(np.array(full, np.uint8)))] = _lzw(np.full((1, 4), 2, np.uint8))
+    ((_, screen),) = gif.parse(bytes(data)).screens([3])
+    assert [tuple(p) for p in screen[..., :3].reshape(-1, 3).tolist()] == [BLUE, BLUE, BLUE, BLUE, RED, BLACK]
+
+
+# Streaming, as the preprocessing job decodes (pipeline/clip_frames.py): memory and its budget.
+
+_PEAK_MEMORY = """
+import sys
+from pipeline import gif
+from pipeline.clip_frames import ClipSpec, clip_frames
+
+def kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+def peak_above_now(fn):
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # Linux: the peak resident size (VmHWM) starts again from the current one
+    now = kib("VmRSS")
+    fn()
+    return (kib("VmHWM") - now) * 1024
+
+spec = ClipSpec(num_frames=16, size=64, fps=None)
+small, long = (open(path, "rb").read() for path in sys.argv[1:])
+clip_frames(small, spec)  # lazy imports and first-use buffers, before measuring
+print(peak_above_now(lambda: clip_frames(long, spec)), peak_above_now(lambda: gif.decode(long)))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures peak memory through Linux's /proc")
+def test_streaming_holds_one_screen_whatever_the_frame_count(tmp_path):
+    # 400 frames on a 640 x 480 screen (a small square hopping about): 369 MB as one array of every frame.
+    frames = [Frame(np.full((16, 16), 1 + i % 3).tolist(), (i * 37) % 624, (i * 23) % 464, 4) for i in range(400)]
+    (tmp_path / "long.gif").write_bytes(_gif(640, 480, frames))
+    (tmp_path / "small.gif").write_bytes(_gif(8, 8, frames[:2]))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-c", _PEAK_MEMORY, tmp_path / "small.gif", tmp_path / "long.gif"]
+    streamed, whole = map(int, subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout.split())
+
+    assert whole >= 400 * 640 * 480 * 3  # the measurement sees what a decode holds
+    assert streamed <= clip_frames.held_bytes(640, 480, clip_frames.ClipSpec(num_frames=16, size=64, fps=None))
+    print(f"peak memory above the start: streamed {streamed / 2**20:.1f} MiB, every frame {whole / 2**20:.1f} MiB")
+
+
+def test_a_gif_over_the_memory_budget_is_refused():
+    data = _gif(40, 30, [Frame([[i % 4]], left=i, delay_cs=5) for i in range(12)])
+    spec = clip_frames.ClipSpec(num_frames=4, size=8, fps=None)
+    held = clip_frames.held_bytes(40, 30, spec)
+    assert held == 40 * 30 * gif.STREAM_BYTES_PER_SCREEN_PIXEL + 4 * 8 * 8 * 3
+    frames, _ = clip_frames.clip_frames(
+        data, dataclasses.replace(spec, limits=gif.DecodeLimits(max_decoded_bytes=held))
+    )
+    assert frames.shape == (4, 8, 8, 3)
+    with pytest.raises(clip_frames.ClipError) as info:
+        clip_frames.clip_frames(data, dataclasses.replace(spec, limits=gif.DecodeLimits(max_decoded_bytes=held - 1)))
+    assert (info.value.stage, info.value.reason) == ("decode", "too large")
+    assert "over the budget" in info.value.detail

@@ -2,12 +2,18 @@
 
 Most runs use Beam's in-process mode (`--direct_running_mode=in_memory`, the local default, decoding in a
 pool of child processes); two more run through `main` as `yagg preprocess` does, on Beam's multi-thread and
-multi-process modes, and must write the same bytes.
+multi-process modes, and one on Beam's portable runner against a worker pool in its own process, as Dataflow runs
+SDK workers: all must write the same bytes.
 """
 
 import dataclasses
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +26,7 @@ from gcs_emulator import BUCKET
 from PIL import Image
 
 from contracts import records, storage
-from contracts.dataset import DatasetInfo
+from contracts.dataset import DatasetInfo, read_dataset_info
 from model.clip import TextEncoder
 from model.tiny_clip import make_tiny_clip
 from pipeline import gif, job, shards, timelimit
@@ -30,7 +36,8 @@ from pipeline.run import Settings, main, preprocess
 from pipeline.shapes import make_shapes
 from pipeline.sources import FetchPolicy
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "corpus"
 IN_PROCESS = ["--direct_running_mode=in_memory"]
 SPEC = ClipSpec(num_frames=6, size=24, fps=None)
 LONG_CAPTION = " ".join(["word"] * 100)  # beyond CLIP's 77 tokens
@@ -194,6 +201,90 @@ def test_other_runner_modes_with_config_write_byte_identical_files(
         assert (output / name).read_bytes() == (shapes_run.output / name).read_bytes(), name
 
 
+@pytest.fixture
+def worker_pool(tmp_path):
+    """Beam's SDK worker pool (what `--environment_type=EXTERNAL` connects to) in a process of its own, on a free
+    loopback port: (port, its log). It starts SDK workers as `python ...`: this venv's python comes first on PATH."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "PYTHONPATH": str(REPO),
+    }
+    log = tmp_path / "worker-pool.log"
+    with open(log, "w") as out:
+        pool = subprocess.Popen(
+            [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert pool.poll() is None, f"the worker pool exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the worker pool did not listen within 120 s:\n{log.read_text()}"
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        yield port, log
+    finally:
+        pool.send_signal(signal.SIGINT)  # it stops its server and its workers on the way out
+        try:
+            pool.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pool.kill()
+            pool.wait()
+
+
+def test_portable_runner_on_a_worker_pool_writes_byte_identical_files(shapes, shapes_run, tiny_clip, worker_pool):
+    """Dataflow's execution model: the job service hands the pipeline, pickled, to SDK worker processes that a
+    separate service started, which share nothing with the launcher (their own setup, text encoder and decoding
+    children) and exchange data with the runner over the Fn API. Local paths are allowed: the workers are here."""
+    port, log = worker_pool
+    output = shapes_run.output.parent / "portable"
+    argv = ["--manifest", str(shapes.manifest), "--output", str(output), "--text-encoder", str(tiny_clip)]
+    argv += ["--frames", str(SPEC.num_frames), "--size", str(SPEC.size), "--val-fraction", "0.3", "--num-shards", "2"]
+    argv += ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL"]
+    assert main([*argv, f"--environment_config=localhost:{port}"]) == 0
+    assert "Starting worker" in log.read_text()  # the pool started the SDK worker that ran the job
+    info = read_dataset_info(str(output))
+    assert info.accounting == shapes_run.info.accounting
+    first = sorted(p.name for p in shapes_run.output.iterdir())
+    assert sorted(p.name for p in output.iterdir()) == first
+    for name in first:
+        assert (output / name).read_bytes() == (shapes_run.output / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    "runner_args",
+    [
+        ["--runner=DataflowRunner", "--project=p", "--region=r", "--temp_location=gs://b/tmp"],
+        ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=DOCKER"],
+        [
+            "--runner=PortableRunner",
+            "--job_endpoint=embed",
+            "--environment_type=EXTERNAL",
+            "--environment_config=pool.example.com:50000",
+        ],
+        [
+            "--runner=PortableRunner",
+            "--job_endpoint=jobs.example.com:8099",
+            "--environment_type=EXTERNAL",
+            "--environment_config=localhost:50000",
+        ],
+    ],
+    ids=["dataflow", "portable-docker", "portable-remote-pool", "portable-remote-job-service"],
+)
+def test_workers_elsewhere_are_refused_local_paths(shapes, tiny_clip, tmp_path, capsys, runner_args):
+    argv = ["--manifest", str(shapes.manifest), "--output", str(tmp_path / "out"), "--text-encoder", str(tiny_clip)]
+    assert main(argv + runner_args) == 2
+    assert "workers cannot read local paths" in capsys.readouterr().err
+
+
 def test_manifests_gifs_output_and_text_encoder_in_cloud_storage(shapes, shapes_run, tiny_clip, gcs):
     """Everything on gs:// (a local Cloud Storage emulator): the same shards as from local paths."""
     bucket = f"gs://{BUCKET}/pipeline"
@@ -248,6 +339,7 @@ def test_a_second_run_into_the_same_folder_needs_overwrite(shapes, shapes_run, t
         (["--frames", "0"], "--frames must be at least 1"),
         (["--val-fraction", "1"], r"--val-fraction must be in \[0, 1\)"),
         (["--fps", "-2"], "--fps must be positive"),
+        (["--max-decode-mb", "0"], "--max-decode-mb must be positive"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(shapes, tiny_clip, tmp_path, capsys, argv, message):
@@ -271,7 +363,7 @@ def test_help_lists_the_flags_and_mentions_beam_options(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     flags = "--manifest --output --text-encoder --frames --size --fps --val-fraction --num-shards --target-shard-mb"
-    for flag in [*flags.split(), "--keep-stills", "--overwrite", "--config", "DataflowRunner"]:
+    for flag in [*flags.split(), "--keep-stills", "--overwrite", "--config", "--max-decode-mb", "DataflowRunner"]:
         assert flag in out
 
 
@@ -405,3 +497,11 @@ def test_a_batch_of_gifs_comes_back_in_order_with_its_failures_as_dead_letters(s
     assert [(d.line, d.stage, d.reason) for d in dead] == [(3, "fetch", "file not found"), (17, "decode", "not a gif")]
     assert [e.item.line for e in examples] == [n for n in range(len(sources)) if n not in (3, 17)]
     assert all(e.frames.shape == (6, 24, 24, 3) for e in examples)
+
+
+def test_a_gif_over_the_memory_budget_is_dead_lettered_as_too_large(shapes):
+    source = str(shapes.root / "gifs" / "00000.gif")
+    item = Item(source, "gifs/00000.gif", "a shape", "m.tsv", 1)
+    spec = dataclasses.replace(SPEC, limits=gif.DecodeLimits(max_decoded_bytes=1000))
+    (out,) = _run_dofn(job.FetchAndDecode(spec, FetchPolicy(), timeout_s=60, threads=1), [[(source, [item])]])
+    assert out.tag == "dead" and (out.value.stage, out.value.reason) == ("decode", "too large")
