@@ -27,7 +27,9 @@ INSTALL_REQUIRES = [
     "ml-collections",
     "safetensors",
     "huggingface-hub",  # CLIP checkpoints by hub name (model/clip.py)
-    "transformers",  # the CLIP tokenizer only; the model is our own Flax port (model/clip.py)
+    "transformers",  # the CLIP tokenizer only; the model is our own Flax port (model/clip/)
+    "etils[epath]",  # the path layer (contracts/storage.py), as Orbax's
+    "gcsfs",  # gs:// paths, through etils.epath and fsspec
 ]
 # Training, evaluation and sampling on top of that.
 TRAIN_REQUIRES = [
@@ -92,6 +94,7 @@ setup(
             "ruff",
             "packaging",
             "playwright",
+            "gcp-storage-emulator",
         ],
         "tpu": [*TRAIN_REQUIRES, "jax[tpu]>=0.10,<0.11"],
         "cuda": [*TRAIN_REQUIRES, "jax[cuda12]>=0.10,<0.11"],

@@ -37,7 +37,13 @@ if os.environ.get("STORAGE_EMULATOR_HOST"):
     # An emulator serves Cloud Storage's JSON API only: gcsfs's gRPC probe of a bucket's layout would time out.
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
+import fsspec.config  # noqa: E402
 from etils import epath  # noqa: E402  (after the environment above)
+
+# gcsfs caches folder listings for the life of a process by default, so a process that waits for new files (eval
+# --follow, the server's --follow, a poll for a checkpoint) would never see them: every look asks the store.
+for _protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 SCHEMES = ("gs",)
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")

@@ -10,8 +10,8 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
+from contracts import storage
 from parallel.distributed import add_flags
 
 
@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--config", required=True, help="the configs/*.py file the run was trained with")
-    parser.add_argument("--workdir", required=True, help="the training run's folder (WORKDIR/checkpoints/STEP)")
+    parser.add_argument(
+        "--workdir", required=True, help="the training run's folder (WORKDIR/checkpoints/STEP), local or gs://"
+    )
     parser.add_argument(
         "--follow",
         action="store_true",
@@ -125,7 +127,7 @@ def main_fvd(argv: Sequence[str]) -> int:
             label: open_clip_set(path, frames=protocol.frames, max_clips=protocol.max_clips, split=args.split)
             for label, path in (("A", args.a), ("B", args.b))
         }
-        cache_dir = Path(args.cache) if args.cache else default_cache_dir()
+        cache_dir = args.cache or default_cache_dir()
         extractor = I3DFeatures(protocol, cache_dir=cache_dir, batch_size=args.batch_size)
         results = {}
         for label, clip_set in sides.items():
@@ -133,7 +135,7 @@ def main_fvd(argv: Sequence[str]) -> int:
             results[label] = set_features(clip_set, extractor, FeatureCache(cache_dir), on_batch=progress)
             if not results[label].cached:
                 progress.finish()
-    except (FvdError, WeightsError) as e:
+    except (FvdError, WeightsError, storage.PathError) as e:
         print(f"yagg fvd: error: {e}", file=sys.stderr)
         return 2
     a, b = results["A"], results["B"]
@@ -181,8 +183,8 @@ def main(argv: Sequence[str]) -> int:
     except (ConfigError, DataError, MeshError, ReadError, GenerateError, EvalError, PathError) as e:
         print(f"yagg eval: error: {e}", file=sys.stderr)
         return 2
-    print(f"evaluated {len(steps)} checkpoint(s) {steps}; gallery: {args.workdir}/eval/index.html")
-    summary = latest_summary(Path(args.workdir) / "eval")
+    print(f"evaluated {len(steps)} checkpoint(s) {steps}; gallery: {storage.join(args.workdir, 'eval', 'index.html')}")
+    summary = latest_summary(storage.join(args.workdir, "eval"))
     if summary:
         print(summary)
     return 0
@@ -198,11 +200,11 @@ SUMMARY_METRICS = (
 )
 
 
-def latest_summary(eval_dir: Path) -> str:
+def latest_summary(eval_dir: str) -> str:
     """One line with the newest evaluated step's headline scores (empty before any evaluation)."""
     from contracts.scores import read_rows
 
-    rows = read_rows(str(eval_dir))
+    rows = read_rows(eval_dir)
     if not rows:
         return ""
     row = max(rows, key=lambda r: r["step"])

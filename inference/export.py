@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR` read it without the workdir or the dataset.",
         allow_abbrev=False,
     )
-    parser.add_argument("--workdir", required=True, help="the training run's folder (WORKDIR/checkpoints/STEP)")
+    parser.add_argument(
+        "--workdir", required=True, help="the training run's folder (WORKDIR/checkpoints/STEP), local or gs://"
+    )
     parser.add_argument("--step", type=int, help="the checkpoint to export (default: the newest finished one)")
     parser.add_argument("--out", required=True, help="the model folder to write, local or gs://; empty or missing")
     return parser

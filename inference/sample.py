@@ -106,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--workdir", help="a training run's folder: its newest finished checkpoint is used")
     source.add_argument("--checkpoint", help="one checkpoint folder, WORKDIR/checkpoints/STEP")
     source.add_argument("--model", help="an exported model folder (yagg export)")
-    parser.add_argument("--out", required=True, help="output .gif (see below for several prompts or --num > 1)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output .gif (see below for several prompts or --num > 1); every path: local or gs://",
+    )
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's sampling.num_steps)")
     parser.add_argument(
         "--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: sampling.guidance_scale)"

@@ -21,8 +21,8 @@ def _setting(default: Any, help: str, **flag: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
-    model: str | None = _setting(None, "an exported model folder (yagg export)")
-    workdir: str | None = _setting(None, "a training run's folder: its newest finished checkpoint")
+    model: str | None = _setting(None, "an exported model folder (yagg export), local or gs://")
+    workdir: str | None = _setting(None, "a training run's folder, local or gs://: its newest finished checkpoint")
     follow: bool = _setting(
         False,
         "with --workdir: load each newly finished checkpoint in the background and swap it in between batches",

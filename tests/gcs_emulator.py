@@ -10,8 +10,10 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 BUCKET = "yagg-test"
 
@@ -23,7 +25,10 @@ class Emulator:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, __file__, str(self.port)]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its log goes to a file: a pipe nobody reads would fill up and stall the server mid-request.
+        self.log = Path(tempfile.mkdtemp(prefix="gcs-emulator-")) / "log"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -32,7 +37,7 @@ class Emulator:
             except OSError as e:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    why = self.process.stderr.read().decode()
+                    why = self.log.read_text(errors="replace")[-2000:]
                     raise RuntimeError(f"the storage emulator did not start: {why}") from e
                 time.sleep(0.1)
 

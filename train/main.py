@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--config", required=True, help="a configs/*.py file (get_config())")
-    parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events, samples")
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        help="checkpoints, metrics.jsonl, TensorBoard events, samples: a local path or gs://",
+    )
     add_flags(parser)
     return parser
 
