@@ -1,8 +1,13 @@
 """TGIF at 16 frames x 128 x 128: a ~304M-parameter factorized U-Net with five levels, rematerialised blocks.
 
-    yagg preprocess --config configs/tgif128.py --manifest tgif-v1.0.tsv --output gs://BUCKET/tgif128 \
+    yagg preprocess --config configs/tgif128.py --manifest gs://BUCKET/tgif/tgif-v1.0.tsv --output gs://BUCKET/tgif128 \
         --runner=DataflowRunner --project=P --region=R --temp_location=gs://BUCKET/tmp --setup_file=./setup.py
     yagg train --config configs/tgif128.py --workdir gs://BUCKET/runs/tgif128 --config.data.path=gs://BUCKET/tgif128
+    yagg eval --config configs/tgif128.py --workdir gs://BUCKET/runs/tgif128 --config.data.path=gs://BUCKET/tgif128 \
+        --follow
+
+Every path may be local or gs:// (README, "Cloud storage"); the GIFs the manifest names must be where Dataflow's
+workers can read them (gs:// or http(s) URLs).
 
 Parameters, Adam moments and EMA take ~4.7 GB in float32 per replica; on devices with less room to spare, shard them
 with `--config.mesh.fsdp=N`.

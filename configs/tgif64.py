@@ -1,8 +1,13 @@
 """TGIF at 16 frames x 64 x 64: a ~130M-parameter factorized U-Net on CLIP ViT-B/32 text embeddings, bf16 compute.
 
-    yagg preprocess --config configs/tgif64.py --manifest tgif-v1.0.tsv --output gs://BUCKET/tgif64 \
+    yagg preprocess --config configs/tgif64.py --manifest gs://BUCKET/tgif/tgif-v1.0.tsv --output gs://BUCKET/tgif64 \
         --runner=DataflowRunner --project=P --region=R --temp_location=gs://BUCKET/tmp --setup_file=./setup.py
     yagg train --config configs/tgif64.py --workdir gs://BUCKET/runs/tgif64 --config.data.path=gs://BUCKET/tgif64
+    yagg eval --config configs/tgif64.py --workdir gs://BUCKET/runs/tgif64 --config.data.path=gs://BUCKET/tgif64 \
+        --follow
+
+Every path may be local or gs:// (README, "Cloud storage"); the GIFs the manifest names must be where Dataflow's
+workers can read them (gs:// or http(s) URLs).
 
 The model is the base config's (configs/base.py); this file sets the data, dropout and the run length.
 """

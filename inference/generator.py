@@ -438,12 +438,13 @@ class _Compiled:
         def step(params, x, noise_key, cond, uncond, guidance, eta, method, i, t, t_prev):
             # The small per-lane inputs arrive replicated (host arrays); the lanes are split over the devices.
             shard = lambda tree: jax.lax.with_sharding_constraint(tree, lanes)  # noqa: E731
-            per_lane = [shard(v) for v in (noise_key, cond, uncond, guidance, eta, method)]
-            return batched(params, x, *per_lane, i, t, t_prev)
+            per_lane = [shard(v) for v in (cond, uncond, guidance, eta, method)]
+            return batched(params, x, noise_key, *per_lane, i, t, t_prev)
 
         self.step = jax.jit(
             step,
-            in_shardings=(param_shardings, lanes, *[replicated] * 6, None, None, None),
+            # x and the noise keys come from `init`, split over the devices; the rest are host arrays, replicated.
+            in_shardings=(param_shardings, lanes, lanes, *[replicated] * 5, None, None, None),
             out_shardings=lanes,
             donate_argnums=1,
         )

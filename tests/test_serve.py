@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import browser
 import httpx
 import pytest
 from conftest import REPO, subprocess_env
@@ -21,7 +22,6 @@ from contracts import media
 from inference.generator import Generator
 from inference.sample import main as sample_main
 
-CHROMIUM = "/usr/bin/chromium"
 PROMPTS = ["a red circle moving left", "a blue square moving up", "a green triangle moving right"]
 
 
@@ -285,39 +285,31 @@ def test_follow_swaps_in_a_new_checkpoint_and_sigterm_drains_then_exits_0(tiny_r
         s.stop()
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (.ci/run installs it)")
+@pytest.mark.skipif(browser.CHROMIUM is None, reason=browser.NEEDS_CHROMIUM)
 def test_the_page_generates_a_gif_with_a_moving_progress_bar(server):
-    from playwright.sync_api import sync_playwright
-
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[*flags, "--disable-sync", "--no-first-run"])
-        try:
-            page = browser.new_page(viewport={"width": 375, "height": 740})  # a phone's width
-            page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('steps').value !== ''")  # the model's defaults arrived
-            assert page.evaluate("document.scrollingElement.scrollWidth") <= 375
-            page.fill("#prompt", "a green circle moving up")
-            page.fill("#seed", "42")
-            page.fill("#steps", "40")
-            # Record every value the progress bar shows.
-            page.evaluate(
-                """window.__seen = []; setInterval(() => {
-                     const v = document.getElementById('progress').value;
-                     if (window.__seen[window.__seen.length - 1] !== v) window.__seen.push(v); }, 2)"""
-            )
-            page.click("#generate")
-            page.wait_for_selector("#result:not([hidden])", timeout=120_000)
-            seen = page.evaluate("window.__seen")
-            assert any(0 < v < 1 for v in seen), seen  # it moved through the steps
-            assert "seed 42" in page.inner_text("#caption")
-            data = page.evaluate(
-                """async () => { const b = await (await fetch(document.getElementById('gif').src)).arrayBuffer();
-                     let s = ''; for (const x of new Uint8Array(b)) s += String.fromCharCode(x); return btoa(s); }"""
-            )
-            with Image.open(io.BytesIO(base64.b64decode(data))) as gif:
-                assert gif.n_frames == 4 and gif.size == (16, 16)  # the model's frames
-            assert page.get_attribute("#download", "download") == "yagg-seed-42.gif"
-            assert page.locator("#recent-list li").count() == 1
-        finally:
-            browser.close()
+    with browser.page(viewport={"width": 375, "height": 740}) as page:  # a phone's width
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('steps').value !== ''")  # the model's defaults arrived
+        assert page.evaluate("document.scrollingElement.scrollWidth") <= 375
+        page.fill("#prompt", "a green circle moving up")
+        page.fill("#seed", "42")
+        page.fill("#steps", "40")
+        # Record every value the progress bar shows.
+        page.evaluate(
+            """window.__seen = []; setInterval(() => {
+                 const v = document.getElementById('progress').value;
+                 if (window.__seen[window.__seen.length - 1] !== v) window.__seen.push(v); }, 2)"""
+        )
+        page.click("#generate")
+        page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+        seen = page.evaluate("window.__seen")
+        assert any(0 < v < 1 for v in seen), seen  # it moved through the steps
+        assert "seed 42" in page.inner_text("#caption")
+        data = page.evaluate(
+            """async () => { const b = await (await fetch(document.getElementById('gif').src)).arrayBuffer();
+                 let s = ''; for (const x of new Uint8Array(b)) s += String.fromCharCode(x); return btoa(s); }"""
+        )
+        with Image.open(io.BytesIO(base64.b64decode(data))) as gif:
+            assert gif.n_frames == 4 and gif.size == (16, 16)  # the model's frames
+        assert page.get_attribute("#download", "download") == "yagg-seed-42.gif"
+        assert page.locator("#recent-list li").count() == 1
