@@ -39,7 +39,7 @@ demo: $(VENV)/.installed
 		--text-encoder $(DEMO)/tiny-clip --overwrite
 	$(YAGG) train $(DEMO_CONFIG) --workdir $(DEMO)
 	$(YAGG) sample --workdir $(DEMO) --out $(DEMO)/gifs/sample.gif --scale 8 \
-		"a red circle moving left" "a blue square moving up" "a red triangle moving up"
+		"a red circle moving left" "a magenta triangle moving up" "a red triangle moving up"
 	$(YAGG) eval $(DEMO_CONFIG) --workdir $(DEMO)
 
 # Benchmarks (bench/): a measured ratio per stage, written to bench/results/latest.json and latest.md.

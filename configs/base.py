@@ -121,8 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
     # `yagg eval` (eval/job.py): samples and scores for every checkpoint. It samples with the `sampling` section's
     # method, num_steps, guidance_scale and eta.
     config.eval = ev = ml_collections.ConfigDict()
-    # "sampling": sampling.prompts; "shapes": every colour x direction of the moving-shapes dataset, held-out
-    # combinations included (pipeline/shapes.py), which the "probe" evaluator needs.
+    # "sampling": sampling.prompts; "shapes": every colour x shape x direction of the moving-shapes dataset,
+    # held-out combinations included (pipeline/shapes.py), which the "probe" evaluator needs.
     ev.prompts = "sampling"
     ev.samples_per_prompt = 1
     ev.seed = 0  # sample i (prompt-major) starts from noise seed + i; also seeds the val-loss noise

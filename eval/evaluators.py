@@ -10,7 +10,8 @@ The shape of big_vision's `evaluators/common.py`, without its registry: `build_e
 
   val_loss      the denoising loss on the `val` split at fixed timestep buckets (`ValLoss`)
   video         weight-free video metrics of the generated clips (eval/video_metrics.py)
-  probe         the shapes probe (eval/probe.py): colour and direction accuracy, training vs held-out combinations;
+  probe         the shapes probe (eval/probe.py): colour, shape and direction accuracy, training vs held-out
+                combinations, beside the same detector's accuracy on the val split's real clips (`probe/real_*`);
                 only with `eval.prompts = "shapes"`, which says what every clip should show
   clipsim       CLIPSIM (Wu et al. 2021, "GODIVA", sec. 4.1) as `clipsim/cos`: the raw cosine similarity (in [-1, 1];
                 not x100, not clipped at 0 as CLIPScore is) between the prompt's CLIP text embedding and each frame's
@@ -42,11 +43,11 @@ from contracts.conditioning import model_condition
 from contracts.media import frames_to_model, to_uint8
 from eval import fvd as fvd_lib
 from eval.frechet import frechet_distance
-from eval.probe import detect_color, detect_direction, probe_scores
+from eval.probe import Reading, probe_scores, read_clip
 from eval.video_metrics import video_metrics
 from model.diffusion import CONDITION_KEYS, Schedule, denoising_loss
 from parallel import mesh as mesh_lib
-from pipeline.shapes import HELDOUT
+from pipeline.shapes import is_heldout, parse_caption
 from yagg.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 EVALUATORS = ("val_loss", "video", "probe", "clipsim", "frechet_clip", "fvd")
 # What ValLoss reads from each validation record (the train step's inputs).
 VAL_FIELDS = ("frames", *CONDITION_KEYS)
+# The most val clips the probe reads to score its own detector on real data (the demo's val split has about 50).
+PROBE_REAL_CLIPS = 256
 
 
 @dataclasses.dataclass
@@ -65,7 +68,8 @@ class EvalContext:
     prompts: Sequence[str]
     seeds: Sequence[int]
     clips: np.ndarray  # float32 [N, F, H, W, 3] in model space, as the sampler returned them (unclipped)
-    targets: Sequence[tuple[str, str]] | None = None  # (colour, direction) per sample, for the shapes prompts
+    # (colour, shape, direction) per sample, for the shapes prompts.
+    targets: Sequence[tuple[str, str, str]] | None = None
     _memo: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -92,11 +96,11 @@ class Evaluator(Protocol):
 # Validation loss.
 
 
-def load_val_examples(paths: Sequence[str], count: int) -> dict[str, np.ndarray]:
+def load_val_examples(paths: Sequence[str], count: int, fields: Sequence[str] = VAL_FIELDS) -> dict[str, np.ndarray]:
     """The first `count` records of the val shards (fewer if the split is smaller), stacked per field."""
     source = grain.sources.ArrayRecordDataSource(list(paths))
     examples = [records.decode(source[i]) for i in range(min(count, len(source)))]
-    return {name: np.stack([e[name] for e in examples]) for name in VAL_FIELDS} if examples else {}
+    return {name: np.stack([e[name] for e in examples]) for name in fields} if examples else {}
 
 
 def bucket_names(num_timesteps: int, num_buckets: int) -> list[tuple[str, int, int]]:
@@ -203,22 +207,46 @@ class VideoMetrics:
 
 
 class ShapesProbe:
-    """The shapes probe on the generated clips against the colour and direction each prompt asked for."""
+    """The shapes probe on the generated clips against the colour, shape and direction each prompt asked for, split
+    into training and held-out combinations (pipeline/shapes.py::is_heldout); and, once per job, the same detector
+    on real clips of the dataset (`real_clips`, uint8 [N, F, H, W, 3], with their captions' words as
+    `real_targets`), reported at every step as `probe/real_*_acc`: what the detector reads where the answer is
+    known, the ceiling of the model's scores (none when there are no real clips)."""
+
+    def __init__(self, real_clips: Sequence[np.ndarray], real_targets: Sequence[tuple[str, str, str]]) -> None:
+        readings = [read_clip(clip) for clip in real_clips]
+        self.real_scores = probe_scores(readings, real_targets, heldout=(), prefix="probe/real_")
 
     def run(self, ctx: EvalContext) -> Iterable[tuple[str, float]]:
-        yield from probe_scores(ctx.pixels, _targets(ctx), HELDOUT).items()
+        targets = _targets(ctx)
+        heldout = {t for t in targets if is_heldout(*t)}
+        yield from probe_scores(_readings(ctx), targets, heldout).items()
+        yield from self.real_scores.items()
 
     def per_sample(self, ctx: EvalContext) -> Mapping[str, Sequence[float]]:
-        targets = _targets(ctx)
-        return {
-            "probe/color": [float(detect_color(c) == t[0]) for c, t in zip(ctx.pixels, targets, strict=True)],
-            "probe/direction": [float(detect_direction(c) == t[1]) for c, t in zip(ctx.pixels, targets, strict=True)],
-        }
+        hits = np.asarray([r.matches(t) for r, t in zip(_readings(ctx), _targets(ctx), strict=True)], np.float64)
+        return {f"probe/{word}": hits[:, i].tolist() for i, word in enumerate(("color", "shape", "direction"))}
 
 
-def _targets(ctx: EvalContext) -> Sequence[tuple[str, str]]:
+def _readings(ctx: EvalContext) -> list[Reading]:
+    return ctx.memo("probe", lambda: [read_clip(clip) for clip in ctx.pixels])
+
+
+def _targets(ctx: EvalContext) -> Sequence[tuple[str, str, str]]:
     assert ctx.targets is not None, "the probe runs only on the shapes prompts, which carry targets"
     return ctx.targets
+
+
+def load_real_probe_clips(val_paths: Sequence[str], count: int) -> tuple[list[np.ndarray], list[tuple[str, str, str]]]:
+    """Up to `count` val clips whose captions are the moving-shapes dataset's, with their (colour, shape, direction)."""
+    examples = load_val_examples(val_paths, count, fields=("frames", "caption"))
+    clips, targets = [], []
+    for frames, caption in zip(examples.get("frames", ()), examples.get("caption", ()), strict=True):
+        words = parse_caption(str(caption))
+        if words is not None:
+            clips.append(frames)
+            targets.append(words)
+    return clips, targets
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -426,7 +454,7 @@ def build_evaluators(
         if name == "video":
             return VideoMetrics()
         if name == "probe":
-            return ShapesProbe()
+            return ShapesProbe(*load_real_probe_clips(val_paths, PROBE_REAL_CLIPS))
         if name == "clipsim":
             return ClipSim(clip)
         if name == "frechet_clip":

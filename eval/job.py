@@ -48,7 +48,7 @@ from eval import evaluators as evaluators_lib
 from eval.gallery import write_gallery
 from inference.generator import GenerateError, Generator, placement
 from parallel import mesh as mesh_lib
-from pipeline.shapes import COLORS, DIRECTIONS, SHAPES, caption_for
+from pipeline.shapes import all_combinations, caption_for
 from yagg.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,20 +65,19 @@ class PromptSet:
 
     prompts: list[str]
     seeds: list[int]
-    targets: list[tuple[str, str]] | None
+    targets: list[tuple[str, str, str]] | None  # (colour, shape, direction)
 
 
 def prompt_set(config: ml_collections.ConfigDict) -> PromptSet:
     """`config.eval.prompts` expanded: each prompt `eval.samples_per_prompt` times, seeds eval.seed, eval.seed + 1, ...
 
-    "shapes" is every colour x direction pair of pipeline/shapes.py in COLORS x DIRECTIONS order, held-out pairs
-    included, with the shape cycling through SHAPES so that each shape is asked for equally often.
+    "shapes" is every colour x shape x direction combination of pipeline/shapes.py (`all_combinations`: held-out ones
+    included, so each colour, shape and direction is asked for equally often).
     """
     e = config.eval
     if e.prompts == "shapes":
-        combos = [(color, direction) for color in COLORS for direction in DIRECTIONS]
-        base = [caption_for(SHAPES[i % len(SHAPES)], c, d) for i, (c, d) in enumerate(combos)]
-        targets = combos
+        targets = all_combinations()
+        base = [caption_for(shape, color, direction) for color, shape, direction in targets]
     elif e.prompts == "sampling":
         base, targets = [str(p) for p in config.sampling.prompts], None
     else:

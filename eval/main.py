@@ -193,8 +193,10 @@ def main(argv: Sequence[str]) -> int:
 # The scores the one-line summary shows, when present: the shapes probe, else the validation loss.
 SUMMARY_METRICS = (
     "probe/color_acc",
+    "probe/shape_acc",
     "probe/direction_acc",
     "probe/heldout_color_acc",
+    "probe/heldout_shape_acc",
     "probe/heldout_direction_acc",
     "val/loss",
 )

@@ -19,7 +19,7 @@ from tensorboard.util import tensor_util
 from contracts.checkpoint import CheckpointReader
 from eval.job import EvalError, evaluate, prompt_set
 from eval.main import main as main_eval
-from pipeline.shapes import COLORS, DIRECTIONS, HELDOUT
+from pipeline.shapes import all_combinations, is_heldout
 from yagg.config import ConfigError, load_config
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "base.py"
@@ -67,9 +67,9 @@ def test_each_step_has_a_metrics_row_with_every_evaluator(tiny_run):
     for row in rows:
         scores = {*buckets, "val/loss", "video/flicker", "video/static_fraction", "clipsim/cos", "frechet_clip"}
         assert scores <= set(row)
-        assert {"probe/color_acc", "probe/direction_acc", "probe/heldout_color_acc", "probe/heldout_direction_acc"} <= (
-            set(row)
-        )
+        words = ("color", "shape", "direction")
+        probe = {f"probe/{split}{w}_acc" for split in ("", "heldout_", "real_") for w in words}
+        assert probe <= set(row)
         assert row["val/loss"] == pytest.approx(np.mean([row[b] for b in buckets]))
         assert row["clipsim/backbone"] == str(tiny_run.clip)  # the dataset's text encoder, by default
         assert all(np.isfinite(v) for k, v in row.items() if not k.endswith("/backbone"))
@@ -79,12 +79,12 @@ def test_each_step_has_a_gif_and_scores_per_prompt_of_the_shapes_set(tiny_run):
     for step in (2, 4):
         folder = tiny_run.workdir / "eval" / str(step)
         samples = json.loads((folder / "samples.json").read_text())
-        assert len(samples) == len(COLORS) * len(DIRECTIONS)
+        assert len(samples) == len(all_combinations())
         assert [s["seed"] for s in samples] == list(range(len(samples)))
-        asked = {(p.split()[1], p.split()[-1]) for p in (s["prompt"] for s in samples)}
-        assert asked == {(c, d) for c in COLORS for d in DIRECTIONS} and set(HELDOUT) <= asked
+        asked = [tuple(s["prompt"].split()[i] for i in (1, 2, 4)) for s in samples]
+        assert asked == all_combinations() and any(is_heldout(*a) for a in asked)
         for s in samples:
-            assert set(s["scores"]) == {"probe/color", "probe/direction", "clipsim/cos"}
+            assert set(s["scores"]) == {"probe/color", "probe/shape", "probe/direction", "clipsim/cos"}
             with Image.open(folder / s["file"]) as gif:
                 assert gif.size == (16, 16) and gif.n_frames == 4
 
@@ -94,7 +94,7 @@ def test_the_gallery_loads_every_sample_in_a_real_browser(tiny_run):
     with browser.page() as page:
         page.goto((tiny_run.workdir / "eval" / "index.html").as_uri())
         page.wait_for_load_state("load")
-        assert page.evaluate(browser.IMAGES) == {"count": 48, "broken": []}  # 24 samples at each of the two steps
+        assert page.evaluate(browser.IMAGES) == {"count": 144, "broken": []}  # 72 samples at each of the two steps
 
 
 def test_a_restart_evaluates_nothing_again(tiny_run, tmp_path, caplog):
@@ -165,11 +165,11 @@ def test_a_workdir_without_checkpoints_exits_2(tiny_run, tmp_path, capsys):
 
 def test_the_shapes_prompt_set_asks_for_every_combination_with_consecutive_seeds(tiny_run):
     prompts = prompt_set(_config(tiny_run, "eval.samples_per_prompt=2", "eval.seed=10"))
-    assert len(prompts.prompts) == 2 * len(COLORS) * len(DIRECTIONS)
+    assert len(prompts.prompts) == 2 * len(all_combinations())
     assert prompts.seeds == list(range(10, 10 + len(prompts.prompts)))
     assert prompts.prompts[0] == prompts.prompts[1] and prompts.targets[0] == prompts.targets[1]
-    for prompt, (color, direction) in zip(prompts.prompts, prompts.targets, strict=True):
-        assert prompt.startswith(f"a {color} ") and prompt.endswith(f" moving {direction}")
-    assert {t for t in prompts.targets} == {(c, d) for c in COLORS for d in DIRECTIONS}
+    for prompt, (color, shape, direction) in zip(prompts.prompts, prompts.targets, strict=True):
+        assert prompt == f"a {color} {shape} moving {direction}"
+    assert prompts.targets[::2] == all_combinations()
     with pytest.raises(ConfigError, match="eval.prompts must be one of"):
         prompt_set(_config(tiny_run, "eval.prompts='everything'"))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from contracts.media import to_uint8
-from eval.probe import detect_color, detect_direction, probe_scores
+from eval.probe import Reading, detect_color, detect_direction, detect_shape, probe_scores, read_clip
 from eval.video_metrics import video_metrics
 from pipeline import shapes
 from pipeline.frames import resize_center_crop, select_frames
@@ -24,26 +24,46 @@ def shape_clips(tmp_path_factory):
     return clips, labels
 
 
+def _targets(labels):
+    return [(lab["color"], lab["shape"], lab["direction"]) for lab in labels]
+
+
 def test_probe_reads_the_labels_of_real_clips(shape_clips):
     clips, labels = shape_clips
-    targets = [(lab["color"], lab["direction"]) for lab in labels]
-    scores = probe_scores(clips, targets, heldout=shapes.HELDOUT)
-    assert scores == {"probe/color_acc": 1.0, "probe/direction_acc": 1.0}
+    assert {lab["shape"] for lab in labels} == set(shapes.SHAPES)
+    scores = probe_scores([read_clip(c) for c in clips], _targets(labels), heldout=())
+    assert scores == {"probe/color_acc": 1.0, "probe/shape_acc": 1.0, "probe/direction_acc": 1.0}
 
 
 def test_probe_splits_heldout_and_penalises_wrong_answers(shape_clips):
     clips, labels = shape_clips
-    # Claim that the first 10 clips are of a held-out combination: they then score there, and wrongly for direction
-    # wherever the claimed direction differs from the drawn one.
-    targets = [(lab["color"], lab["direction"]) for lab in labels]
-    fake = ("red", "up")
+    # Claim that the first 10 clips are of a held-out combination: they then score there, and wrongly wherever the
+    # claimed word differs from the drawn one.
+    targets = _targets(labels)
+    fake = ("red", "triangle", "up")
     targets[:10] = [fake] * 10
-    scores = probe_scores(clips, targets, heldout=[fake])
-    expected_color = np.mean([lab["color"] == "red" for lab in labels[:10]])
-    expected_direction = np.mean([lab["direction"] == "up" for lab in labels[:10]])
-    assert scores["probe/heldout_color_acc"] == pytest.approx(expected_color)
-    assert scores["probe/heldout_direction_acc"] == pytest.approx(expected_direction)
-    assert scores["probe/color_acc"] == 1.0
+    scores = probe_scores([read_clip(c) for c in clips], targets, heldout={fake})
+    for i, word in enumerate(("color", "shape", "direction")):
+        expected = np.mean([lab[word] == fake[i] for lab in labels[:10]])
+        assert scores[f"probe/heldout_{word}_acc"] == pytest.approx(expected)
+        assert scores[f"probe/{word}_acc"] == 1.0
+
+
+def test_shape_is_read_from_the_outline_not_the_size_or_place(shape_clips):
+    clips, labels = shape_clips
+    square = next(c for c, lab in zip(clips, labels, strict=True) if lab["shape"] == "square")
+    assert detect_shape(square) == "square"
+    # A solid disc and a solid upright triangle drawn on the background, the same colour, both read as what they are.
+    yy, xx = np.mgrid[0:16, 0:16] + 0.5
+    shapes_drawn = {
+        "circle": (xx - 9) ** 2 + (yy - 7) ** 2 <= 3.5**2,
+        "triangle": (yy >= 3) & (yy <= 11) & (np.abs(xx - 8) <= (yy - 3) / 2),
+        "square": (np.abs(xx - 6) <= 3) & (np.abs(yy - 9) <= 3),
+    }
+    for name, inside in shapes_drawn.items():
+        frame = np.where(inside[..., None], shapes.COLORS["cyan"], shapes.BACKGROUND).astype(np.uint8)
+        assert detect_shape(np.repeat(frame[None], 4, axis=0)) == name
+    assert read_clip(np.full_like(square, shapes.BACKGROUND[0])) == Reading(None, None, None)
 
 
 def test_static_and_empty_clips_have_no_direction(shape_clips):

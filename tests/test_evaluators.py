@@ -11,6 +11,7 @@ import pytest
 from conftest import upload
 from gcs_emulator import BUCKET
 
+from contracts.media import to_uint8
 from eval.evaluators import (
     ClipModel,
     ClipSim,
@@ -118,16 +119,27 @@ def shape_clips(tmp_path_factory):
     return np.stack(clips).astype(np.float32) / 127.5 - 1.0, labels
 
 
-def test_probe_scores_each_clip_against_the_colour_and_direction_asked_for(shape_clips):
+def test_probe_scores_each_clip_against_the_words_asked_for_beside_real_clips(shape_clips):
     clips, labels = shape_clips
-    targets = [(lab["color"], lab["direction"]) for lab in labels]
-    probe = ShapesProbe()
-    assert dict(probe.run(_ctx(clips, targets=targets))) == {"probe/color_acc": 1.0, "probe/direction_acc": 1.0}
+    targets = [(lab["color"], lab["shape"], lab["direction"]) for lab in labels]
+    real = [to_uint8(c) for c in clips[:4]]
+    probe = ShapesProbe(real, targets[:4])
+    scores = dict(probe.run(_ctx(clips, targets=targets)))
+    words = ("color", "shape", "direction")
+    assert scores == {f"probe/{w}_acc": 1.0 for w in words} | {f"probe/real_{w}_acc": 1.0 for w in words}
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
-    targets[0] = (targets[0][0], opposite[targets[0][1]])  # ask clip 0 for the other direction
+    other = {"circle": "square", "square": "triangle", "triangle": "circle"}
+    targets[0] = (targets[0][0], targets[0][1], opposite[targets[0][2]])  # ask clip 0 for the other direction
+    targets[1] = (targets[1][0], other[targets[1][1]], targets[1][2])  # and clip 1 for another shape
     per_sample = probe.per_sample(_ctx(clips, targets=targets))
     assert per_sample["probe/color"] == [1.0] * len(labels)
+    assert per_sample["probe/shape"] == [1.0, 0.0] + [1.0] * (len(labels) - 2)
     assert per_sample["probe/direction"] == [0.0] + [1.0] * (len(labels) - 1)
+    # A held-out combination scores in its own split.
+    heldout = ("red", "square", "up")
+    assert shapes.is_heldout(*heldout)
+    scores = dict(ShapesProbe([], []).run(_ctx(clips[:1], targets=[heldout])))
+    assert set(scores) == {f"probe/heldout_{w}_acc" for w in words}
 
 
 def test_video_metrics_evaluator_reports_video_metrics_of_the_samples(shape_clips):

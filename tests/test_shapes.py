@@ -31,16 +31,42 @@ def test_manifest_layout_and_heldout(dataset):
     lines = (dataset / "manifest.tsv").read_text().splitlines()
     labels = shapes.read_labels(dataset)
     assert len(lines) == len(labels) == 48
-    heldout = set(shapes.HELDOUT)
     for line, label in zip(lines, labels, strict=True):
         path, caption = line.split("\t")
         assert (dataset / path).is_file()
         assert caption == f"a {label['color']} {label['shape']} moving {label['direction']}"
-        assert (label["color"], label["direction"]) not in heldout
-    # 48 clips cycle through all 20 training combinations.
-    assert {(lab["color"], lab["direction"]) for lab in labels} == set(shapes.training_combinations())
-    listed = {(d["color"], d["direction"]) for d in json.loads((dataset / "heldout.json").read_text())}
-    assert listed == heldout
+        assert shapes.parse_caption(caption) == (label["color"], label["shape"], label["direction"])
+    seen = [(lab["color"], lab["shape"], lab["direction"]) for lab in labels]
+    # 48 clips cycle through the 45 training combinations: every one once, three twice.
+    assert set(seen) == set(shapes.training_combinations()) and len(set(seen)) == 45
+    listed = json.loads((dataset / "heldout.json").read_text())
+    assert listed == [{"color": c, "direction": d} for c, d in shapes.HELDOUT_COLOR_DIRECTION] + [
+        {"shape": s, "direction": d} for s, d in shapes.HELDOUT_SHAPE_DIRECTION
+    ]
+    # No clip shows a listed pair; every word is still seen with other partners.
+    for entry in listed:
+        assert not [lab for lab in labels if all(lab[kind] == word for kind, word in entry.items())], entry
+    assert {lab["color"] for lab in labels} == set(shapes.COLORS)
+    assert {lab["shape"] for lab in labels} == set(shapes.SHAPES)
+    assert {lab["direction"] for lab in labels} == set(shapes.DIRECTIONS)
+
+
+def test_held_out_combinations_pair_words_that_training_shows_apart():
+    combos = shapes.all_combinations()
+    training = set(shapes.training_combinations())
+    heldout = [c for c in combos if shapes.is_heldout(*c)]
+    assert len(combos) == 72 and len(heldout) == 27 and len(training) == 45
+    for color, shape, direction in heldout:
+        # Each word of a held-out combination appears in training, just never in this pairing.
+        assert any(t[0] == color for t in training) and any(t[1] == shape for t in training)
+        assert any(t[2] == direction for t in training)
+    for color in shapes.COLORS:
+        assert len({t[1] for t in training if t[0] == color}) == 3
+        assert len({t[2] for t in training if t[0] == color}) >= 3
+    for shape in shapes.SHAPES:
+        assert len({t[2] for t in training if t[1] == shape}) == 3
+    assert shapes.parse_caption("a cat is jumping") is None
+    assert shapes.parse_caption("a red hexagon moving up") is None
 
 
 def test_drawn_content_matches_labels(dataset):
