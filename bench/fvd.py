@@ -9,8 +9,9 @@ prepared while the previous one runs) on uint8 clips of 16 frames of 224 x 224 (
 after a compiling one, the two interleaved; CPU-seconds per clip are recorded beside them.
 
 The eval pass is what `yagg eval` does per checkpoint (eval/job.py::_Job.evaluate_step, without writing files):
-`eval.sample.Sampler` draws the config's eval prompt set (the demo: 48 shapes clips of 8 x 16 x 16, DDIM 25 steps,
-guidance 4, batches of 8) from freshly initialised parameters (speed does not depend on the weights), then every
+the inference core (`inference.generator.Generator`, as `bench.sampling.make_generator` builds it) draws the config's
+eval prompt set (the demo: 72 shapes clips of 6 x 16 x 16, DDIM 25 steps, guidance 8, in lanes of 1) from freshly
+initialised parameters (speed does not depend on the weights), then every
 evaluator of the demo plus fvd runs on them, built as `build_evaluators` builds them but from stand-in validation
 data (random clips and text embeddings of the dataset's shapes; the tiny CLIP of `yagg make-tiny-clip`); the
 validation side of FVD is computed once per eval job, not per pass, so it is a stand-in too. The fvd evaluator's I3D
@@ -30,19 +31,17 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from bench.common import Metric, write_metrics
+from bench.sampling import make_generator
 from bench.train_mfu import DEFAULT_CONFIG, Timed, load, parse_config_args, reproduce_command, timed
 from eval import evaluators as ev
 from eval.fvd import I3DFeatures, SetFeatures, default_cache_dir, make_protocol
 from eval.job import prompt_set
-from eval.sample import Sampler, abstract_params, build_model, encode_prompts, load_text_encoder
-from model.build import example_inputs
+from inference.generator import placement
 from model.tiny_clip import make_tiny_clip
-from train import mesh as mesh_lib
 
 BATCH = 8  # the demo's eval.batch_size, so the eval pass's fvd runs the batch measured here
 QUICK_BATCH = 4
@@ -92,32 +91,11 @@ def eval_pass(config: ml_collections.ConfigDict, extractor: I3DFeatures, quick: 
     texts, seeds = prompts.prompts[:count], prompts.seeds[:count]
     targets = prompts.targets[:count] if prompts.targets else None
 
-    model, schedule = build_model(config)
-    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
-    _, shardings = abstract_params(model, config, mesh, mesh_lib.logical_rules(config.sharding_rules))
-    inputs = example_inputs(config, batch_size=1)
-
-    def init(key: jax.Array) -> object:
-        zeros = {name: jnp.zeros(spec.shape, spec.dtype) for name, spec in inputs.items()}
-        return model.init({"params": key}, **zeros, train=False)["params"]
-
-    params = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
-    s, d = config.sampling, config.data
-    sampler = Sampler(
-        model,
-        schedule,
-        frames=int(d.frames),
-        size=int(d.size),
-        method=s.method,
-        num_steps=int(s.num_steps),
-        guidance_scale=float(s.guidance_scale),
-        eta=float(s.eta),
-        batch_size=int(e.batch_size),
-        mesh=mesh,
-        param_shardings=shardings,
-    )
     clip_dir = make_tiny_clip(Path(tempfile.mkdtemp()) / "tiny-clip", seed=0)
-    condition = encode_prompts(load_text_encoder(str(clip_dir)), texts, d)
+    generator = make_generator(config, str(clip_dir))
+    model, schedule, params = generator.model, generator.schedule, generator.params
+    mesh, _, shardings = placement(config, None)  # as make_generator placed the parameters
+    d = config.data
 
     # Stand-in validation data of the dataset's shapes.
     rng = np.random.default_rng(0)
@@ -145,7 +123,7 @@ def eval_pass(config: ml_collections.ConfigDict, extractor: I3DFeatures, quick: 
             param_shardings=shardings,
         ),
         "video": ev.VideoMetrics(),
-        "probe": ev.ShapesProbe(),
+        "probe": ev.ShapesProbe([], []),
         "clipsim": ev.ClipSim(clip),
         "frechet_clip": ev.FrechetClip(clip, val["frames"]),
         "fvd": ev.Fvd(extractor, reference, num_samples=count),
@@ -155,7 +133,7 @@ def eval_pass(config: ml_collections.ConfigDict, extractor: I3DFeatures, quick: 
     def run_pass(skip: tuple[str, ...] = ()) -> dict[str, float]:
         times = {}
         start = time.perf_counter()
-        clips = sampler(params, condition, seeds)
+        clips = generator.generate(texts, seeds).raw
         times["sampling"] = time.perf_counter() - start
         ctx = ev.EvalContext(step=0, params=params, prompts=texts, seeds=seeds, clips=clips, targets=targets)
         for name in names:

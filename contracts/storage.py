@@ -119,6 +119,18 @@ def open_read(p: str | os.PathLike, *, decompress: bool = False) -> IO[bytes]:
     return stream
 
 
+# The process's umask, read once at import (reading it means setting it, which is not thread-safe later).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _publish(tmp: str, target: str) -> None:
+    """Renames a finished temporary file into place with the permissions a plain open() would have given it
+    (temporary files are created private, 0600)."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, target)
+
+
 def write_bytes(p: str | os.PathLike, data: bytes) -> None:
     """Writes the whole file so that a reader sees the old content or the new, never half of it: locally through a
     temporary file renamed into place (parent folders are created); on object stores an object appears whole."""
@@ -129,7 +141,7 @@ def write_bytes(p: str | os.PathLike, data: bytes) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(target)), prefix=".tmp-", delete=False) as tmp:
         tmp.write(data)
-    os.replace(tmp.name, target)
+    _publish(tmp.name, target)
 
 
 def write_text(p: str | os.PathLike, text: str) -> None:
@@ -143,7 +155,7 @@ def upload(local: str, target: str | os.PathLike) -> None:
         os.makedirs(folder, exist_ok=True)
         with open(local, "rb") as src, tempfile.NamedTemporaryFile(dir=folder, delete=False) as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
-        os.replace(dst.name, target)
+        _publish(dst.name, os.fspath(target))
         return
     with open(local, "rb") as src, path(target).open("wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 22)
@@ -328,4 +340,4 @@ def _download(source: epath.Path, target: str) -> None:
     ):
         while chunk := src.read(1 << 22):
             dst.write(chunk)
-    os.replace(dst.name, target)
+    _publish(dst.name, target)

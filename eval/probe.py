@@ -6,12 +6,13 @@ For clips of the moving-shapes dataset (pipeline/shapes.py), generated or real:
     background (at 16x16 a small shape's pixels are mostly edge pixels, half background: nearest-colour matching
     would read a darkened cyan as green);
   * shape = the template that best matches the frames' coverage. Each pixel's coverage is the fraction of it the
-    detected colour covers (the same blend, solved per pixel); in each frame, each shape's template is drawn the way
-    pipeline/shapes.py draws it (square; circle; triangle with its apex up, base = height), anti-aliased by
-    supersampling, with the frame's covered area and centroid, and the shape whose templates leave the least squared
-    difference over the clip's frames wins. The templates are geometry, not learned: the circle differs from the
-    square only by its missing corners, which is why a template and not a bounding box or a second moment (the two
-    have nearly the same spread) decides;
+    detected colour covers (the same blend, solved per pixel), counted at foreground pixels and their neighbours
+    only (so that faint noise elsewhere in a generated frame does not count as shape). In each frame, each shape's
+    template is drawn the way pipeline/shapes.py draws it (square; circle; triangle with its apex up, base = height),
+    anti-aliased by supersampling, with the frame's covered area and centroid, and the shape whose templates leave
+    the least squared difference over the clip's frames wins. The templates are geometry, not learned: the circle
+    differs from the square only by its missing corners, which is why a template and not a bounding box or a second
+    moment (the two have nearly the same spread) decides;
   * direction = the sign of the larger of the horizontal and vertical slopes of a least-squares line through the
     per-frame foreground centroids. Frames are picked uniformly in time by preprocessing and the shapes move linearly
     in time, so the slope is the velocity. A clip whose centroid moves less than `min_travel` of the frame side over
@@ -102,13 +103,26 @@ def template(shape: str, centroid: tuple[float, float], area: float, size: int) 
     return inside.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
 
 
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """bool [F, H, W]: `mask` grown by one pixel in each of the 8 directions (within the frame)."""
+    grown = mask.copy()
+    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
+    height, width = mask.shape[1:]
+    for dy in range(3):
+        for dx in range(3):
+            grown |= padded[:, dy : dy + height, dx : dx + width]
+    return grown
+
+
 def detect_shape(clip: np.ndarray, color: str | None = None) -> str | None:
     """'circle'/'square'/'triangle' (module docstring), or None for an empty clip; `color`: the detected one if None."""
     color = color or detect_color(clip)
     if color is None:
         return None
     mask = foreground_mask(clip)
-    cover = coverage(clip, color)
+    # Coverage counts only at and next to foreground pixels: a generated clip's faint background noise, spread over the
+    # frame, would otherwise add to the area and pull the template's size and centroid away from the shape.
+    cover = coverage(clip, color) * _dilate(mask)
     height, width = cover.shape[1:]
     assert height == width, f"frames must be square, got {height}x{width}"
     centres = np.arange(height) + 0.5

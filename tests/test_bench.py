@@ -2,6 +2,7 @@
 GPU benchmark's skip path on a machine without a GPU. The benchmarks themselves are run by `make bench`, not here:
 their figures are measurements, not test outcomes."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -54,3 +55,9 @@ def test_gpu_benchmark_records_why_it_skipped_without_a_gpu(tmp_path):
 def test_quick_run_names_what_it_leaves_out():
     assert set(FULL_ONLY) == {"multiprocess", "fvd"}
     assert all("make bench" in why for _, why in FULL_ONLY.values())
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in (REPO / "bench").glob("*.py") if p.stem != "__init__"))
+def test_every_benchmark_imports_against_the_code_it_times(module):
+    # A benchmark is run by hand, not by the suite: importing it at least catches one left behind by a refactor.
+    importlib.import_module(f"bench.{module}")

@@ -122,7 +122,7 @@ def test_model_info_on_demo(capsys):
     assert model_info_main(["--config", str(CONFIGS / "demo.py"), "--batch-size", "2"]) == 0
     table = dict(line.split("  ", 1) for line in capsys.readouterr().out.splitlines())
     table = {name.strip(): value.strip() for name, value in table.items()}
-    assert table["input (F x H x W x C)"] == "8 x 16 x 16 x 3"
+    assert table["input (F x H x W x C)"] == "6 x 16 x 16 x 3"
     assert table["parameters"] == f"{PARAMS['demo']:,} (1.5 MiB as float32)"
     # Convolution weights are reused at every position, so a training step costs far more than 6 FLOPs per parameter.
     gflops = float(table["train FLOPs / example"].split()[0])
