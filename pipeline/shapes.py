@@ -251,7 +251,8 @@ def make_shapes(
     rng = np.random.default_rng(seed)
     # Cycle through the combinations so that every one is equally represented, in an order shuffled once so that even
     # a small set mixes every colour, shape and direction.
-    combos = [training_combinations()[j] for j in rng.permutation(len(training_combinations()))]
+    training = training_combinations()
+    combos = [training[j] for j in rng.permutation(len(training))]
     clips = []
     for i in range(num):
         clip = _sample_clip(rng, i, combos[i % len(combos)], canvas_range, frames_range)

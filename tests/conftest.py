@@ -8,6 +8,7 @@ Both jobs are subprocesses with XLA's CPU backend at optimisation level 0, which
 call eval or sampling functions in-process compile at the default level.
 """
 
+import ast
 import dataclasses
 import os
 import subprocess
@@ -60,6 +61,20 @@ TINY = [
     "eval.poll_seconds=0.2",
     "eval.follow_timeout_s=300.0",
 ]
+
+
+def imported_modules(path: Path, *, members: bool = False) -> set[str]:
+    """Every absolute module name a Python file imports, lazy imports inside functions included; with `members`, also
+    `module.name` for each `from module import name` (which may be a submodule)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            if members:
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,9 +13,10 @@ Data and models flow one way: pipeline writes records, train reads them and writ
 server read checkpoints or exported models, all through contracts/.
 """
 
-import ast
 import shutil
 from pathlib import Path
+
+from conftest import imported_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"yagg", "configs"}  # yagg.config and the config files, which every stage reads
@@ -36,13 +37,7 @@ TOP = {"yagg.cli", "yagg.__main__"}
 
 
 def _first_party_imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return {name for name in names if name.split(".")[0] in ALLOWED}
+    return {name for name in imported_modules(path) if name.split(".")[0] in ALLOWED}
 
 
 def violations(root: Path) -> list[str]:

@@ -4,7 +4,6 @@ and `install_requires` must cover every third-party module it imports.
 Beam builds the sdist exactly this way (`python setup.py sdist` in the project folder), no network needed.
 """
 
-import ast
 import importlib.metadata
 import subprocess
 import sys
@@ -12,23 +11,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import imported_modules
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = ("yagg", "contracts", "parallel", "pipeline", "model", "inference", "train", "eval", "serve", "configs")
-
-
-def _imports(path: Path) -> set[str]:
-    """Every module name imported anywhere in the file (lazy imports inside functions included)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
 
 
 def _module_file(name: str) -> Path | None:
@@ -51,7 +39,7 @@ def _worker_imports() -> tuple[set[Path], set[str]]:
         if path in files:
             continue
         files.add(path)
-        for name in _imports(path):
+        for name in imported_modules(path, members=True):
             top = name.split(".")[0]
             if top in FIRST_PARTY:
                 found = _module_file(name)
