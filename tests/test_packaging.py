@@ -4,6 +4,7 @@ and `install_requires` must cover every third-party module it imports.
 Beam builds the sdist exactly this way (`python setup.py sdist` in the project folder), no network needed.
 """
 
+import fcntl
 import importlib.metadata
 import subprocess
 import sys
@@ -54,7 +55,11 @@ def _worker_imports() -> tuple[set[Path], set[str]]:
 @pytest.fixture(scope="module")
 def sdist(tmp_path_factory):
     out = tmp_path_factory.mktemp("sdist")
-    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(out)], cwd=ROOT, check=True)
+    # `setup.py sdist` stages its files in the source tree (yagg-0.1.0/, yagg.egg-info/), so two test workers building
+    # at once collide there: a lock file in the run's shared temporary folder lets one build at a time.
+    with open(tmp_path_factory.getbasetemp().parent / "sdist.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(out)], cwd=ROOT, check=True)
     (archive,) = out.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
         members = tar.getnames()
